@@ -82,3 +82,56 @@ mod tests {
         assert!(parse_duration("99999999h").unwrap_err().contains("out of range"));
     }
 }
+
+/// Parses a service's config from flags and the environment, or exits.
+///
+/// On a bad value the message names the flag *and* the environment variable
+/// that set it, and the process exits with status 2 before anything binds.
+/// `--help` and `--version` print and exit 0.
+pub fn parse_or_exit<C: clap::Parser>() -> C {
+    match C::try_parse() {
+        Ok(config) => config,
+        Err(error) => {
+            let hint = env_hint::<C>(&error);
+            let _ = error.print();
+            if let Some(hint) = hint {
+                eprintln!("hint: {hint}");
+            }
+            std::process::exit(error.exit_code());
+        }
+    }
+}
+
+/// For a bad value, which environment variable can set the offending flag.
+fn env_hint<C: clap::CommandFactory>(error: &clap::Error) -> Option<String> {
+    let clap::error::ContextValue::String(arg) = error.get(clap::error::ContextKind::InvalidArg)? else {
+        return None;
+    };
+    let long = arg.trim_start_matches("--").split([' ', '=']).next()?;
+    let command = C::command();
+    let env = command.get_arguments().find(|a| a.get_long() == Some(long))?.get_env()?.to_string_lossy().into_owned();
+    let from_env = std::env::var_os(&env).is_some();
+    Some(if from_env {
+        format!("the value came from the environment variable {env}; fix or unset it")
+    } else {
+        format!("--{long} can also be set with the environment variable {env}")
+    })
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use clap::Parser as _;
+
+    #[derive(Debug, clap::Parser)]
+    struct Demo {
+        #[arg(long, env = "SHOAL_DEMO_PORT_FOR_TEST", default_value = "1")]
+        port: u16,
+    }
+
+    #[test]
+    fn a_bad_value_names_the_environment_variable() {
+        let error = Demo::try_parse_from(["demo", "--port", "x"]).unwrap_err();
+        let hint = super::env_hint::<Demo>(&error).unwrap();
+        assert!(hint.contains("SHOAL_DEMO_PORT_FOR_TEST"), "{hint}");
+    }
+}
