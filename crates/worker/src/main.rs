@@ -1,1 +1,35 @@
-fn main() {}
+//! `shoal-worker`: config → telemetry → bind → serve until a signal → drain
+//! → flush.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser as _;
+use shoal_worker::{Config, Worker};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    let telemetry = match shoal_telemetry::init("shoal-worker", &config.telemetry) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("shoal-worker: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match Worker::bind(config).await {
+        Ok(worker) => match worker.run(shoal_telemetry::shutdown::signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                tracing::error!(error = &error as &dyn std::error::Error, "worker failed");
+                ExitCode::FAILURE
+            }
+        },
+        Err(error) => {
+            tracing::error!(error = &error as &dyn std::error::Error, "cannot start");
+            ExitCode::FAILURE
+        }
+    };
+    telemetry.shutdown(Duration::from_secs(5));
+    code
+}

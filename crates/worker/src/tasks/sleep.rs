@@ -1,0 +1,77 @@
+//! `sleep`: waits without using a thread. Payload `{"ms": N}` with
+//! `0 <= N <= 3_600_000` (one hour); output `{"slept_ms": N}`.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde_json::{Value, json};
+
+use super::{Task, TaskContext, TaskError, parse_payload};
+
+/// The longest sleep accepted, in milliseconds.
+pub const MAX_MS: u64 = 3_600_000;
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Input {
+    ms: u64,
+}
+
+fn parse(payload: Value) -> Result<Duration, TaskError> {
+    let Input { ms } = parse_payload(payload)?;
+    if ms > MAX_MS {
+        return Err(TaskError::InvalidPayload(format!("`ms` must be at most {MAX_MS} (one hour), got {ms}")));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+/// The `sleep` kind.
+pub struct Kind;
+
+impl Task for Kind {
+    fn name(&self) -> &'static str {
+        "sleep"
+    }
+
+    fn description(&self) -> &'static str {
+        r#"waits asynchronously: {"ms": 0..=3600000}"#
+    }
+
+    fn run(&self, payload: Value, ctx: TaskContext) -> BoxFuture<'static, Result<Value, TaskError>> {
+        Box::pin(async move {
+            let duration = parse(payload)?;
+            tokio::select! {
+                () = tokio::time::sleep(duration) => Ok(json!({ "slept_ms": duration.as_millis() as u64 })),
+                () = ctx.cancelled() => Err(TaskError::Cancelled),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    #[test]
+    fn payload_is_checked() {
+        assert_eq!(parse(json!({"ms": 1000})).unwrap(), Duration::from_secs(1));
+        assert_eq!(parse(json!({"ms": MAX_MS})).unwrap(), Duration::from_secs(3600));
+        assert!(parse(json!({"ms": MAX_MS + 1})).unwrap_err().to_string().contains("at most 3600000"));
+        assert!(parse(json!({"ms": -1})).unwrap_err().to_string().contains("invalid value"));
+        assert!(parse(json!({"ms": 1.5})).unwrap_err().to_string().contains("invalid type"));
+        assert!(parse(json!({})).unwrap_err().to_string().contains("missing field `ms`"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sleeps_then_stops_when_cancelled() {
+        let output = Kind.run(json!({"ms": 1000}), TaskContext::new(CancellationToken::new())).await.unwrap();
+        assert_eq!(output, json!({"slept_ms": 1000}));
+
+        let token = CancellationToken::new();
+        let task = tokio::spawn(Kind.run(json!({"ms": MAX_MS}), TaskContext::new(token.clone())));
+        token.cancel();
+        assert!(matches!(task.await.unwrap(), Err(TaskError::Cancelled)));
+    }
+}
