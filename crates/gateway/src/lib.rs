@@ -1,1 +1,22 @@
-//! placeholder
+//! The gateway owns HTTP: routing, validation, limits, error mapping and the
+//! fan-out over gRPC to the workers and the metrics-aggregator. It holds no
+//! state of its own.
+//!
+//! - [`Gateway::bind`] binds the public HTTP and admin listeners (port 0
+//!   works, for tests) and starts resolving the upstreams;
+//!   [`Gateway::run`] serves until the shutdown future resolves, then drains
+//!   under the configured grace.
+//! - [`routes`](crate) (private): `GET /`, `POST /v1/tasks/{kind}`,
+//!   `GET /v1/status`; [`problem`]: every error as RFC 9457 problem+json;
+//!   [`guard`]: load shedding and panic containment;
+//!   [`discovery`]: client-side load balancing over re-resolved addresses.
+
+pub mod config;
+pub mod discovery;
+pub mod guard;
+pub mod problem;
+mod routes;
+mod server;
+
+pub use config::Config;
+pub use server::{Gateway, RunError, StartError, Upstreams};
