@@ -40,8 +40,24 @@ pub struct GuardLayer {
 
 impl GuardLayer {
     /// At most `max_in_flight` requests at once (at least one).
+    ///
+    /// Also registers the gauge `gateway_http_requests_in_flight`, read from
+    /// the semaphore when `/metrics` is scraped (so it costs nothing per
+    /// request).
     pub fn new(max_in_flight: usize) -> Self {
-        Self { permits: Arc::new(Semaphore::new(max_in_flight.clamp(1, Semaphore::MAX_PERMITS))) }
+        let max = max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
+        let permits = Arc::new(Semaphore::new(max));
+        let observed = Arc::downgrade(&permits);
+        let _gauge = shoal_telemetry::metrics::meter("shoal-gateway")
+            .u64_observable_gauge("gateway_http_requests_in_flight")
+            .with_description("Requests the public HTTP listener is serving now")
+            .with_callback(move |observer| {
+                if let Some(permits) = observed.upgrade() {
+                    observer.observe(max.saturating_sub(permits.available_permits()) as u64, &[]);
+                }
+            })
+            .build();
+        Self { permits }
     }
 }
 

@@ -1,1 +1,13 @@
+//! Integration tests: a real gateway over real workers and aggregators, all
+//! in this process on 127.0.0.1:0 (the signal tests start the real binary),
+//! driven over real HTTP.
 
+mod balancing;
+mod deadline;
+mod errors;
+mod helpers;
+mod lifecycle;
+mod metrics;
+mod status;
+mod tasks;
+mod tracing;

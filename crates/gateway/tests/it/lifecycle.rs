@@ -1,0 +1,138 @@
+//! The real binary: start-up, SIGTERM with a request in flight, bad config.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_shoal-gateway");
+
+/// Kills the child if a test fails before it exits.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary and returns it with the `listening` line's addresses.
+fn start(worker: std::net::SocketAddr) -> (Process, String, String) {
+    let mut child = Command::new(BIN)
+        .args(["--http-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--shutdown-grace", "10s"])
+        .args(["--worker-addr", &format!("http://{worker}"), "--aggregator-addr", "http://127.0.0.1:9"])
+        .env("SHOAL_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the gateway binary starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<(String, String)>();
+    std::thread::spawn(move || {
+        // Reads every line (so the pipe never fills) until the process exits.
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let Ok(json) = serde_json::from_str::<Value>(&line) else { continue };
+            if json["message"] == "listening" {
+                let field = |name: &str| json[name].as_str().unwrap_or_default().to_owned();
+                let _ = tx.send((field("http_addr"), field("admin_addr")));
+            }
+        }
+    });
+    let (http, admin) = rx.recv_timeout(Duration::from_secs(20)).expect("a `listening` log line");
+    (Process(child), format!("http://{http}"), format!("http://{admin}"))
+}
+
+fn wait_exit(process: &mut Process, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = process.0.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_in_flight_request_finish_then_exits_0() {
+    shoal_telemetry::init_for_tests();
+    let worker = spawn_worker(&[]).await;
+    let (mut process, url, admin_url) = start(worker.addr);
+    let http = reqwest::Client::new();
+    assert_eq!(http.get(format!("{url}/")).send().await.unwrap().status(), 200);
+
+    let slow = tokio::spawn({
+        let http = http.clone();
+        let url = url.clone();
+        async move { http.get(format!("{url}/?delay_ms=1500")).send().await }
+    });
+    // Bounded poll until the gateway reports the request in flight.
+    let in_flight = eventually(Duration::from_secs(5), || async {
+        let text = http.get(format!("{admin_url}/metrics")).send().await.ok()?.text().await.ok()?;
+        text.lines()
+            .filter_map(|l| l.strip_prefix("gateway_http_requests_in_flight "))
+            .any(|v| v.trim().parse::<f64>().is_ok_and(|v| v >= 1.0))
+            .then_some(())
+    })
+    .await;
+    assert!(in_flight.is_some(), "the slow request never showed as in flight");
+
+    let pid = process.0.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
+    assert!(killed.success());
+
+    // New connections are refused once the drain starts (bounded poll).
+    let refused = eventually(Duration::from_secs(3), || async {
+        let fresh = reqwest::Client::new();
+        fresh.get(format!("{url}/")).send().await.is_err().then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "new requests still accepted after SIGTERM");
+
+    let response = slow.await.unwrap().expect("the in-flight request completes");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["message"], "Hello, Prometheus!");
+
+    let status = tokio::task::spawn_blocking(move || {
+        let status = wait_exit(&mut process, Duration::from_secs(10));
+        (status, process)
+    })
+    .await
+    .unwrap()
+    .0
+    .expect("the gateway exits after the drain");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn invalid_config_exits_non_zero_naming_the_setting_before_binding() {
+    // A port the test holds: had the gateway bound anything, it would fail
+    // with a bind error instead of the config error.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap().to_string();
+    let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
+        (&["--worker-addr", "ftp://x:1"], &[], "--worker-addr"),
+        (&[], &[("SHOAL_GATEWAY_MAX_IN_FLIGHT", "0")], "SHOAL_GATEWAY_MAX_IN_FLIGHT"),
+        (&["--default-timeout", "90s"], &[], "SHOAL_GATEWAY_MAX_TIMEOUT"),
+        (&["--resolve-interval", "soon"], &[], "--resolve-interval"),
+    ];
+    for (args, env, expected) in cases {
+        let output = Command::new(BIN)
+            .args(["--http-addr", &taken, "--admin-addr", &taken])
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .expect("the binary runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?} {env:?}: {stderr}");
+        assert!(!stderr.contains("cannot bind"), "{stderr}");
+    }
+}
