@@ -1,0 +1,46 @@
+//! Durable jobs: the queue, job state, execution, leases, retries and dead
+//! letters, all in Redis. The worker is the only service that touches these
+//! keys; the gateway reaches them through the worker's gRPC API.
+//!
+//! # Delivery contract
+//!
+//! - A job accepted by [`JobStore::submit`] (HTTP `202`) is in Redis before
+//!   the call returns: the job hash and its stream entry are written by one
+//!   Lua script, so it is never half-created. With `appendonly yes` and
+//!   `appendfsync always` (or `everysec`, losing at most a second of
+//!   acknowledgements on a power cut) it survives a Redis restart.
+//! - Execution is at-least-once: a stream entry is acknowledged (`XACK`) only
+//!   by the same script that records the job's outcome. A worker that dies
+//!   holds its entries in the consumer group's pending list; its lease (the
+//!   entry's idle time, renewed while the job runs) lapses and the reaper of
+//!   any live worker takes the entry over with `XAUTOCLAIM` within
+//!   `lease + reaper interval` (5 s + 1 s by default).
+//! - Recording an outcome is idempotent: the first terminal outcome wins and
+//!   later ones (a job executed twice) change nothing.
+//! - A failing attempt is retried with exponential backoff and full jitter;
+//!   after `max_attempts` the job is `dead`: its last error is recorded and a
+//!   copy goes to the dead-letter stream.
+//! - On SIGTERM a worker stops reading, lets running jobs finish within its
+//!   grace, and hands the rest back (their entries become claimable at once).
+//!
+//! # Key layout (prefix `shoal` by default, `--redis-prefix`)
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `{p}:jobs` | stream, group `workers` | one entry per delivery of a job: field `job` = id |
+//! | `{p}:job:{id}` | hash | the job: kind, payload, state, attempts, result/error, times; expires `--job-ttl` after it ends |
+//! | `{p}:idem:{key}` | string | job id for an `Idempotency-Key`, expires with `--idempotency-ttl` |
+//! | `{p}:delayed` | sorted set | job ids waiting for a retry, scored by due time (ms) |
+//! | `{p}:dead` | stream | dead letters: `job`, `kind`, `error`, `attempts` |
+//! | `{p}:open` | string (counter) | jobs not yet in a terminal state: the queue bound |
+
+mod executor;
+mod keys;
+mod model;
+mod scripts;
+mod store;
+
+pub use executor::{JobRunner, RunnerConfig, RunnerStats};
+pub use keys::Keys;
+pub use model::{JobId, JobRecord, JobState, NewJob, ParseJobIdError};
+pub use store::{CancelOutcome, JobStore, QueueStats, StoreConfig, StoreError, SubmitOutcome};
