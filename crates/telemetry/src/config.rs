@@ -54,7 +54,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             return Err(format!("unknown unit `{other}` in `{text}`; use ms, s, m or h"));
         }
     };
-    if !seconds.is_finite() || seconds < 0.0 || seconds > 365.0 * 86_400.0 {
+    if !seconds.is_finite() || !(0.0..=365.0 * 86_400.0).contains(&seconds) {
         return Err(format!("`{text}` is out of range"));
     }
     Ok(Duration::from_secs_f64(seconds))

@@ -17,6 +17,8 @@
 
 pub mod config;
 pub mod error;
+#[cfg(feature = "jobs")]
+pub mod jobs;
 pub mod runner;
 pub mod server;
 mod service;

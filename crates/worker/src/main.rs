@@ -4,12 +4,11 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser as _;
 use shoal_worker::{Config, Worker};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let config: Config = shoal_telemetry::config::parse_or_exit();
     let telemetry = match shoal_telemetry::init("shoal-worker", &config.telemetry) {
         Ok(telemetry) => telemetry,
         Err(error) => {

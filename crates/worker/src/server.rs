@@ -160,9 +160,11 @@ impl Worker {
         let result = tokio::select! {
             () = shutdown => {
                 tracing::info!(grace_ms = config.shutdown_grace.as_millis() as u64, "draining");
+                // Refuse new tasks first: whoever sees readiness or health
+                // flip can rely on new calls being refused.
+                runner.start_draining();
                 readiness.mark_draining();
                 set_health(&health, ServingStatus::NotServing).await;
-                runner.start_draining();
                 let _ = stop_grpc.send(());
                 drain(&runner, &mut server, config.shutdown_grace).await
             }
