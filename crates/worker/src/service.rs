@@ -25,7 +25,9 @@ pub(crate) struct Service {
 
 #[tonic::async_trait]
 impl WorkerService for Service {
-    #[tracing::instrument(skip_all, fields(kind = %request.get_ref().kind))]
+    // No span of its own: the telemetry layer's `grpc.server` span covers the
+    // call, and the caller's `kind` (unbounded text) stays out of logs until
+    // the runner has matched it to a registered name.
     async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteResponse>, Status> {
         let deadline = deadline(request.metadata());
         let ExecuteRequest { kind, payload_json } = request.into_inner();
