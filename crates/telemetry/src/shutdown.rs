@@ -1,32 +1,49 @@
 //! The process's stop signals, handled in one place.
 
-/// Resolves on the first SIGTERM or SIGINT (Ctrl-C).
+use std::future::Future;
+
+/// A future that resolves on the first SIGTERM or SIGINT (Ctrl-C).
 ///
-/// If a handler cannot be installed (which only happens when the process is
-/// out of resources), the error is logged and that signal is ignored.
-pub async fn signal() {
-    let interrupt = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
+/// The handlers are installed when this function is *called*, not when the
+/// future is first polled: call it before announcing readiness, so a signal
+/// that arrives right after start-up is never the default "terminate now".
+/// If a handler cannot be installed (the process is out of resources), the
+/// error is logged and that signal is not awaited.
+pub fn signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut stream) => {
-                stream.recv().await;
-            }
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let install = |kind: SignalKind, name: &'static str| match signal(kind) {
+            Ok(stream) => Some(stream),
             Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
+                tracing::error!(%error, signal = name, "cannot listen for signal");
+                None
+            }
+        };
+        let mut terminate = install(SignalKind::terminate(), "SIGTERM");
+        let mut interrupt = install(SignalKind::interrupt(), "SIGINT");
+        async move {
+            let term = async {
+                match terminate.as_mut() {
+                    Some(stream) => stream.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let int = async {
+                match interrupt.as_mut() {
+                    Some(stream) => stream.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = term => tracing::info!(signal = "SIGTERM", "shutdown requested"),
+                _ = int => tracing::info!(signal = "SIGINT", "shutdown requested"),
             }
         }
-    };
+    }
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => tracing::info!(signal = "SIGINT", "shutdown requested"),
-        () = terminate => tracing::info!(signal = "SIGTERM", "shutdown requested"),
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!(signal = "ctrl-c", "shutdown requested");
     }
 }

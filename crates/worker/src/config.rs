@@ -45,8 +45,69 @@ pub struct Config {
     #[arg(long, env = "SHOAL_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
     #[command(flatten)]
+    pub jobs: JobsConfig,
+    #[command(flatten)]
     pub telemetry: TelemetryConfig,
 }
+
+/// Durable jobs: where they live and how they are run. See `docs/jobs.md`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobsConfig {
+    /// Redis holding the job queue and job state (`redis://[:password@]host:port[/db]`).
+    /// Unset: durable jobs are off and the jobs API answers UNAVAILABLE; tasks
+    /// still run through `Execute`.
+    #[arg(long = "redis-url", env = "SHOAL_WORKER_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every job key in Redis.
+    #[arg(long = "redis-prefix", env = "SHOAL_WORKER_REDIS_PREFIX", default_value = "shoal")]
+    pub redis_prefix: String,
+    /// Redis connections in the pool.
+    #[arg(long = "redis-pool-size", env = "SHOAL_WORKER_REDIS_POOL_SIZE", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(2..=1024))]
+    pub redis_pool_size: u32,
+    /// Jobs this worker runs at once (separate from `--max-concurrency`, which
+    /// bounds synchronous `Execute` calls).
+    #[arg(long = "job-slots", env = "SHOAL_WORKER_JOB_SLOTS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub job_slots: u32,
+    /// A running job whose worker has not renewed its lease for this long is
+    /// taken over by another worker.
+    #[arg(long = "job-lease", env = "SHOAL_WORKER_JOB_LEASE", default_value = "5s", value_parser = parse_duration)]
+    pub job_lease: Duration,
+    /// How often leases are renewed and lapsed jobs taken over.
+    #[arg(long = "reaper-interval", env = "SHOAL_WORKER_REAPER_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub reaper_interval: Duration,
+    /// First retry delay after a failed attempt; doubles per attempt, with full jitter.
+    #[arg(long = "retry-base", env = "SHOAL_WORKER_RETRY_BASE", default_value = "500ms", value_parser = parse_duration)]
+    pub retry_base: Duration,
+    /// Largest retry delay.
+    #[arg(long = "retry-max", env = "SHOAL_WORKER_RETRY_MAX", default_value = "60s", value_parser = parse_duration)]
+    pub retry_max: Duration,
+    /// Unfinished jobs the queue holds; beyond it submissions are refused
+    /// (HTTP 429) until jobs finish.
+    #[arg(long = "max-queued-jobs", env = "SHOAL_WORKER_MAX_QUEUED_JOBS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_queued_jobs: u64,
+    /// How long a job's record stays readable after it ends.
+    #[arg(long = "job-ttl", env = "SHOAL_WORKER_JOB_TTL", default_value = "168h", value_parser = parse_duration)]
+    pub job_ttl: Duration,
+    /// How long an `Idempotency-Key` maps to its job.
+    #[arg(long = "idempotency-ttl", env = "SHOAL_WORKER_IDEMPOTENCY_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub idempotency_ttl: Duration,
+    /// Attempts of a job that does not say.
+    #[arg(long = "default-max-attempts", env = "SHOAL_WORKER_DEFAULT_MAX_ATTEMPTS", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub default_max_attempts: u32,
+    /// Bound on one attempt of a job that does not say.
+    #[arg(long = "default-job-timeout", env = "SHOAL_WORKER_DEFAULT_JOB_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub default_job_timeout: Duration,
+    /// Largest per-attempt timeout a job may ask for.
+    #[arg(long = "max-job-timeout", env = "SHOAL_WORKER_MAX_JOB_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub max_job_timeout: Duration,
+}
+
+/// Attempts a job may ask for at most.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
 
 #[cfg(test)]
 mod tests {

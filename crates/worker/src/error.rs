@@ -152,3 +152,35 @@ mod tests {
         assert_eq!(Status::from_header_map(other.headers()).unwrap().code(), tonic::Code::OutOfRange);
     }
 }
+
+/// Why a jobs call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The request is malformed; the message says what to fix.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no job with id {0}")]
+    NotFound(String),
+    #[error("job {id} already ended ({state}); only queued or running jobs can be cancelled")]
+    AlreadyEnded { id: String, state: &'static str },
+    #[error("the job queue is full ({open} unfinished jobs); retry later")]
+    QueueFull { open: u64 },
+    /// Redis is unreachable or failing; the cause was logged.
+    #[error("the job store is unavailable; retry later")]
+    StoreUnavailable,
+    #[error("durable jobs are disabled on this worker (SHOAL_WORKER_REDIS_URL is not set)")]
+    Disabled,
+}
+
+impl From<JobError> for Status {
+    fn from(error: JobError) -> Self {
+        let message = error.to_string();
+        match error {
+            JobError::Invalid(_) => Status::invalid_argument(message),
+            JobError::NotFound(_) => Status::not_found(message),
+            JobError::AlreadyEnded { .. } => Status::failed_precondition(message),
+            JobError::QueueFull { .. } => Status::resource_exhausted(message),
+            JobError::StoreUnavailable | JobError::Disabled => Status::unavailable(message),
+        }
+    }
+}

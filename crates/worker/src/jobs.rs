@@ -34,12 +34,14 @@
 //! | `{p}:dead` | stream | dead letters: `job`, `kind`, `error`, `attempts` |
 //! | `{p}:open` | string (counter) | jobs not yet in a terminal state: the queue bound |
 
+mod api;
 mod executor;
 mod keys;
 mod model;
 mod scripts;
 mod store;
 
+pub use api::JobsApi;
 pub use executor::{JobRunner, RunnerConfig, RunnerStats};
 pub use keys::Keys;
 pub use model::{JobId, JobRecord, JobState, NewJob, ParseJobIdError};

@@ -17,7 +17,6 @@
 
 pub mod config;
 pub mod error;
-#[cfg(feature = "jobs")]
 pub mod jobs;
 pub mod runner;
 pub mod server;

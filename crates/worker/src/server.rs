@@ -18,6 +18,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::Config;
+use crate::jobs::{JobRunner, JobStore, JobsApi, Keys, RunnerConfig, StoreConfig};
 use crate::runner::{Runner, Stats};
 use crate::service::Service;
 use crate::tasks::TaskRegistry;
@@ -37,6 +38,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("invalid redis url")]
+    RedisUrl(#[source] deadpool_redis::CreatePoolError),
 }
 
 /// The worker failed while running.
@@ -56,6 +59,7 @@ pub struct Worker {
     admin: TcpListener,
     readiness: Readiness,
     runner: Arc<Runner>,
+    jobs: Option<JobStore>,
 }
 
 async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -80,8 +84,9 @@ impl Worker {
     pub async fn bind_with(config: Config, registry: TaskRegistry) -> Result<Self, StartError> {
         let grpc = bind("grpc", config.grpc_addr).await?;
         let admin = bind("admin", config.admin_addr).await?;
+        let jobs = config.jobs.redis_url.as_deref().map(|url| job_store(url, &config.jobs)).transpose()?;
         let runner = Arc::new(Runner::new(registry, config.max_concurrency as usize));
-        Ok(Self { config, grpc, admin, readiness: Readiness::new(), runner })
+        Ok(Self { config, grpc, admin, readiness: Readiness::new(), runner, jobs })
     }
 
     /// The bound gRPC address.
@@ -119,7 +124,7 @@ impl Worker {
         let grpc_addr = self.grpc_addr();
         let admin_addr = self.admin_addr();
         let worker_id = self.worker_id();
-        let Self { config, grpc, admin, readiness, runner } = self;
+        let Self { config, grpc, admin, readiness, runner, jobs } = self;
 
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
@@ -131,7 +136,28 @@ impl Worker {
         }));
 
         let max_message = config.max_message_bytes as usize;
-        let service = Service { runner: Arc::clone(&runner), worker_id: worker_id.as_str().into() };
+        let registry = runner.registry().clone();
+        let jobs_api = JobsApi::new(jobs.clone(), registry.clone(), &config.jobs);
+        let stop_jobs = tokio_util::sync::CancellationToken::new();
+        let job_tasks = jobs.map(|store| {
+            let runner = JobRunner::new(
+                store.clone(),
+                registry,
+                RunnerConfig {
+                    consumer: worker_id.clone(),
+                    slots: config.jobs.job_slots as usize,
+                    lease: config.jobs.job_lease,
+                    reaper_interval: config.jobs.reaper_interval,
+                    retry_base: config.jobs.retry_base,
+                    retry_max: config.jobs.retry_max,
+                },
+            );
+            readiness.set("redis", false);
+            let monitor = tokio::spawn(watch_redis(store, readiness.clone(), stop_jobs.clone()));
+            let executor = tokio::spawn(runner.run(stop_jobs.clone(), config.shutdown_grace));
+            (monitor, executor)
+        });
+        let service = Service { runner: Arc::clone(&runner), worker_id: worker_id.as_str().into(), jobs: jobs_api };
         let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
             .layer(shoal_telemetry::grpc::ServerLayer)
@@ -166,14 +192,66 @@ impl Worker {
                 readiness.mark_draining();
                 set_health(&health, ServingStatus::NotServing).await;
                 let _ = stop_grpc.send(());
+                stop_jobs.cancel();
                 drain(&runner, &mut server, config.shutdown_grace).await
             }
             finished = &mut server => flatten(finished),
         };
+        stop_jobs.cancel();
+        if let Some((monitor, executor)) = job_tasks {
+            // The executor bounds its own drain by the grace; this bound only
+            // guards against a bug.
+            if tokio::time::timeout(config.shutdown_grace + Duration::from_secs(5), executor).await.is_err() {
+                tracing::error!("job executor did not stop in time");
+            }
+            monitor.abort();
+        }
         let _ = stop_admin.send(());
         let admin_result = admin_task.await.unwrap_or(Ok(())).map_err(RunError::Admin);
         tracing::info!("stopped");
         result.and(admin_result)
+    }
+}
+
+fn job_store(url: &str, config: &crate::config::JobsConfig) -> Result<JobStore, StartError> {
+    let mut pool_config = deadpool_redis::Config::from_url(url);
+    let timeouts = deadpool_redis::Timeouts {
+        wait: Some(Duration::from_secs(2)),
+        create: Some(Duration::from_secs(2)),
+        recycle: Some(Duration::from_secs(2)),
+    };
+    pool_config.pool =
+        Some(deadpool_redis::PoolConfig { max_size: config.redis_pool_size as usize, timeouts, ..Default::default() });
+    let pool = pool_config.create_pool(Some(deadpool_redis::Runtime::Tokio1)).map_err(StartError::RedisUrl)?;
+    Ok(JobStore::new(
+        pool,
+        Keys::new(config.redis_prefix.clone()),
+        StoreConfig {
+            job_ttl: config.job_ttl,
+            idempotency_ttl: config.idempotency_ttl,
+            max_open: config.max_queued_jobs,
+        },
+    ))
+}
+
+/// Keeps the `redis` readiness condition current: pinged every second.
+async fn watch_redis(store: JobStore, readiness: Readiness, stop: tokio_util::sync::CancellationToken) {
+    let mut was_ok = None;
+    while !stop.is_cancelled() {
+        let ok = matches!(tokio::time::timeout(Duration::from_secs(2), store.ping()).await, Ok(Ok(())));
+        readiness.set("redis", ok);
+        if was_ok != Some(ok) {
+            if ok {
+                tracing::info!("redis reachable");
+            } else {
+                tracing::warn!("redis unreachable; not ready, retrying");
+            }
+            was_ok = Some(ok);
+        }
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 

@@ -5,22 +5,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_proto::worker::v1::worker_service_server::WorkerService;
-use shoal_proto::worker::v1::{ExecuteRequest, ExecuteResponse, KindInfo, ListKindsRequest, ListKindsResponse};
+use shoal_proto::worker::v1::{
+    CancelJobRequest, ExecuteRequest, ExecuteResponse, GetJobRequest, Job, KindInfo, ListKindsRequest,
+    ListKindsResponse, SubmitJobRequest, SubmitJobResponse,
+};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use crate::jobs::JobsApi;
 use crate::runner::Runner;
 
 /// How much earlier than the caller's deadline the worker gives up. Tonic
 /// enforces `grpc-timeout` itself by dropping the call and answering
 /// `CANCELLED`; answering first lets the caller see `DEADLINE_EXCEEDED`.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+const DEADLINE_MARGIN: Duration = Duration::from_millis(25);
 
 /// The gRPC face of a worker.
 #[derive(Debug, Clone)]
 pub(crate) struct Service {
     pub(crate) runner: Arc<Runner>,
     pub(crate) worker_id: Arc<str>,
+    pub(crate) jobs: JobsApi,
 }
 
 #[tonic::async_trait]
@@ -47,6 +52,18 @@ impl WorkerService for Service {
             .map(|task| KindInfo { name: task.name().to_owned(), description: task.description().to_owned() })
             .collect();
         Ok(Response::new(ListKindsResponse { kinds, worker_id: self.worker_id.to_string() }))
+    }
+
+    async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
+        Ok(Response::new(self.jobs.submit(request.into_inner()).await?))
+    }
+
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        Ok(Response::new(self.jobs.get(&request.into_inner().id).await?))
+    }
+
+    async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
+        Ok(Response::new(self.jobs.cancel(&request.into_inner().id).await?))
     }
 }
 

@@ -53,6 +53,9 @@ pub struct RunnerStats {
     pub duplicates: AtomicU64,
 }
 
+/// How often the read loop looks for lapsed entries to take over.
+const CLAIM_EVERY: Duration = Duration::from_millis(100);
+
 const STOP_NONE: u8 = 0;
 const STOP_CLIENT: u8 = 1;
 const STOP_SHUTDOWN: u8 = 2;
@@ -157,6 +160,7 @@ impl JobRunner {
         let mut next_maintenance = Instant::now();
         let mut next_sample = Instant::now();
         let mut group_ready = false;
+        let mut last_claim = Instant::now();
         tracing::info!(consumer = %this.config.consumer, slots = this.config.slots, "job runner started");
 
         while !stop.is_cancelled() {
@@ -172,7 +176,7 @@ impl JobRunner {
             }
             if Instant::now() >= next_maintenance {
                 next_maintenance = Instant::now() + this.config.reaper_interval;
-                if let Err(error) = this.maintain(&mut jobs, Instant::now() >= next_sample).await {
+                if let Err(error) = this.maintain(Instant::now() >= next_sample).await {
                     backoff.wait(&stop, &error, "job maintenance failed").await;
                     continue;
                 }
@@ -190,6 +194,23 @@ impl JobRunner {
                 },
             };
             let free = 1 + this.slots.available_permits();
+            // Lapsed entries of dead workers go before new work, so a backlog
+            // never delays a takeover by more than one freed slot.
+            if last_claim.elapsed() >= CLAIM_EVERY {
+                last_claim = Instant::now();
+                match this.store.take_over(&this.config.consumer, this.config.lease, free).await {
+                    Ok(entries) if !entries.is_empty() => {
+                        this.spawn_all(&mut jobs, entries, Some(permit), true);
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        drop(permit);
+                        backoff.wait(&stop, &error, "cannot take over lapsed jobs").await;
+                        continue;
+                    }
+                }
+            }
             let read = tokio::select! {
                 () = stop.cancelled() => break,
                 read = this.store.read_new(&this.config.consumer, free, Duration::from_millis(250)) => read,
@@ -250,15 +271,11 @@ impl JobRunner {
     }
 
     /// Renews leases (and picks up cancel requests and progress), promotes
-    /// due retries, takes over lapsed entries, trims, and samples queue depth.
-    async fn maintain(self: &Arc<Self>, jobs: &mut JoinSet<()>, sample: bool) -> Result<(), StoreError> {
+    /// due retries, trims, and samples queue depth. (Lapsed entries are taken
+    /// over by the read loop, ahead of new work.)
+    async fn maintain(&self, sample: bool) -> Result<(), StoreError> {
         self.renew().await?;
         self.store.promote_due(1000).await?;
-        let free = self.slots.available_permits();
-        if free > 0 {
-            let entries = self.store.take_over(&self.config.consumer, self.config.lease, free).await?;
-            self.spawn_all(jobs, entries, None, true);
-        }
         if sample {
             self.store.trim().await?;
             let stats = self.store.stats().await?;
@@ -276,8 +293,7 @@ impl JobRunner {
                 .iter()
                 .map(|(entry, h)| {
                     let report = h.progress.latest();
-                    let percent =
-                        if report.total == 0 { 0 } else { (report.done.min(report.total) * 100 / report.total) as u32 };
+                    let percent = (report.done.min(report.total) * 100).checked_div(report.total).unwrap_or(0) as u32;
                     (entry.clone(), h.id.clone(), percent)
                 })
                 .collect(),

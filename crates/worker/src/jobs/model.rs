@@ -126,6 +126,8 @@ pub struct JobRecord {
     /// How many times an outcome was offered for recording (≥ 2 means the job
     /// ran more than once; only the first outcome counts).
     pub completions: u32,
+    /// The worker holding it while `running`.
+    pub worker: Option<String>,
 }
 
 impl JobRecord {
@@ -151,6 +153,7 @@ impl JobRecord {
             finished_ms: number(&fields, "finished_ms"),
             next_attempt_ms: number(&fields, "next_attempt_ms"),
             completions: number(&fields, "completions").unwrap_or(0) as u32,
+            worker: fields.remove("worker"),
             id,
         })
     }

@@ -1,10 +1,11 @@
 //! Integration tests: real workers on port 0, real tonic clients, and the
 //! real binary for signals.
 
+mod chaos;
 mod errors;
 mod helpers;
 mod infra;
-#[cfg(feature = "jobs")]
+mod jobs_api;
 mod jobs_core;
 mod limits;
 mod process;

@@ -14,10 +14,10 @@ use crate::helpers::{connect, execute};
 const BIN: &str = env!("CARGO_BIN_EXE_shoal-worker");
 
 /// A worker process, killed if the test ends early.
-struct Process {
-    child: Child,
-    grpc_addr: SocketAddr,
-    admin_addr: SocketAddr,
+pub(crate) struct Process {
+    pub(crate) child: Child,
+    pub(crate) grpc_addr: SocketAddr,
+    pub(crate) admin_addr: SocketAddr,
 }
 
 impl Drop for Process {
@@ -30,7 +30,7 @@ impl Drop for Process {
 impl Process {
     /// Starts the binary on port 0 and reads its addresses from the
     /// `listening` log line.
-    fn start(extra: &[&str]) -> Self {
+    pub(crate) fn start(extra: &[&str]) -> Self {
         let child = Command::new(BIN)
             .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
             .args(["--log-format", "json", "--log-filter", "info"])
@@ -62,13 +62,13 @@ impl Process {
         }
     }
 
-    fn terminate(&self) {
+    pub(crate) fn terminate(&self) {
         let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("run kill");
         assert!(status.success());
     }
 
     /// Waits for the process to exit, at most `within`.
-    async fn exit(&mut self, within: Duration) -> Option<ExitStatus> {
+    pub(crate) async fn exit(&mut self, within: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
