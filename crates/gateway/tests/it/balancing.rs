@@ -54,7 +54,7 @@ async fn a_worker_added_while_traffic_flows_gets_calls() {
     shoal_telemetry::init_for_tests();
     let workers = [spawn_worker(&[]).await, spawn_worker(&[]).await, spawn_worker(&[]).await];
     let addrs: Vec<_> = workers.iter().map(|w| w.addr).collect();
-    let gateway = Arc::new(spawn_gateway(&addrs, &[], &["--resolve-interval", "200ms"]).await);
+    let gateway = Arc::new(spawn_gateway(&addrs, &[], &[]).await);
     let fourth = spawn_worker(&[]).await;
 
     // Traffic flows in the background for the whole test (bounded).

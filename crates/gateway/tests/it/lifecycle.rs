@@ -117,7 +117,9 @@ fn invalid_config_exits_non_zero_naming_the_setting_before_binding() {
     // with a bind error instead of the config error.
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = held.local_addr().unwrap().to_string();
-    let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
+    /// Flags, environment, and the setting the error must name.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 4] = [
         (&["--worker-addr", "ftp://x:1"], &[], "--worker-addr"),
         (&[], &[("SHOAL_GATEWAY_MAX_IN_FLIGHT", "0")], "SHOAL_GATEWAY_MAX_IN_FLIGHT"),
         (&["--default-timeout", "90s"], &[], "SHOAL_GATEWAY_MAX_TIMEOUT"),

@@ -93,11 +93,23 @@ async fn both_hanging_answers_within_one_check_deadline() {
 }
 
 #[tokio::test]
-async fn nothing_resolved_is_down_at_once() {
+async fn nothing_resolved_is_down_at_once_until_an_address_appears() {
     shoal_telemetry::init_for_tests();
     let gateway = spawn_gateway(&[], &[], &[]).await;
     let (code, body) = status(&gateway).await;
     assert_eq!(code, 503);
     assert_eq!(body["components"]["worker"]["detail"], "no address resolved");
     assert_eq!(body["components"]["aggregator"]["endpoints"], 0);
+
+    // The aggregator's addresses are re-resolved like the workers'.
+    let aggregator = spawn_aggregator().await;
+    gateway.aggregators.insert(aggregator.addr);
+    let body = eventually(Duration::from_secs(5), || async {
+        let (_, body) = status(&gateway).await;
+        (body["components"]["aggregator"]["status"] == "serving").then_some(body)
+    })
+    .await
+    .expect("the aggregator is found once resolved");
+    assert_eq!(body["components"]["aggregator"]["endpoints"], 1);
+    assert_eq!(body["components"]["worker"]["status"], "down");
 }

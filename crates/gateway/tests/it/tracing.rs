@@ -19,7 +19,8 @@ fn find<'a>(spans: &'a [SpanData], kind: SpanKind, name: &str) -> Option<&'a Spa
 #[tokio::test]
 async fn one_trace_spans_gateway_and_worker() {
     let exporter = InMemorySpanExporter::default();
-    let config = TelemetryConfig { log_format: LogFormat::Text, log_filter: Some("off".into()), otlp_endpoint: None };
+    let config =
+        TelemetryConfig { log_format: LogFormat::Text, log_filter: Some("off".into()), ..TelemetryConfig::default() };
     let telemetry =
         shoal_telemetry::init_with("shoal-test", &config, |b| b.with_simple_exporter(exporter.clone())).unwrap();
 
