@@ -6,8 +6,9 @@
 //!   works, for tests) and starts resolving the upstreams;
 //!   [`Gateway::run`] serves until the shutdown future resolves, then drains
 //!   under the configured grace.
-//! - [`routes`](crate) (private): `GET /`, `POST /v1/tasks/{kind}`,
-//!   `GET /v1/status`; [`problem`]: every error as RFC 9457 problem+json;
+//! - `routes` (private): `GET /`, `POST /v1/tasks/{kind}`, `GET /v1/status`;
+//!   [`problem`]: every error as RFC 9457 problem+json (and the table of
+//!   status-code decisions);
 //!   [`guard`]: load shedding and panic containment;
 //!   [`discovery`]: client-side load balancing over re-resolved addresses.
 
