@@ -8,6 +8,9 @@ use shoal_gateway::{Config, Gateway};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    if let Some(code) = shoal_telemetry::admin::healthcheck_subcommand::<Config>(|config| config.admin_addr).await {
+        return code;
+    }
     let config: Config = shoal_telemetry::config::parse_or_exit();
     if let Err(error) = config.validate() {
         eprintln!("shoal-gateway: invalid configuration: {error}");

@@ -8,6 +8,9 @@ use shoal_metrics_aggregator::{Aggregator, Config};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    if let Some(code) = shoal_telemetry::admin::healthcheck_subcommand::<Config>(|config| config.admin_addr).await {
+        return code;
+    }
     let config: Config = shoal_telemetry::config::parse_or_exit();
     let telemetry = match shoal_telemetry::init("shoal-metrics-aggregator", &config.telemetry) {
         Ok(telemetry) => telemetry,
