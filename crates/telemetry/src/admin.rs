@@ -89,13 +89,43 @@ impl Readiness {
     }
 }
 
+/// More Prometheus text that a service appends to its own `/metrics` (the
+/// metrics-aggregator adds the fleet view). Called on the blocking pool.
+pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+#[derive(Clone)]
+struct AdminState {
+    readiness: Readiness,
+    extra: Option<ExtraMetrics>,
+}
+
 /// The admin router, for services that add routes of their own.
 pub fn router(readiness: Readiness) -> Router {
+    router_with_metrics(readiness, None)
+}
+
+/// The admin router whose `/metrics` also serves `extra` after the
+/// service's own instruments.
+pub fn router_with_metrics(readiness: Readiness, extra: Option<ExtraMetrics>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(readiness)
+        .with_state(AdminState { readiness, extra })
+}
+
+/// Serves an admin `router` (from [`router`] or [`router_with_metrics`],
+/// possibly with more routes) on `listener` until `shutdown` resolves.
+///
+/// # Errors
+///
+/// An I/O error from the listener.
+pub async fn serve_router(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` resolves.
@@ -111,8 +141,14 @@ pub async fn serve(
     axum::serve(listener, router(readiness)).with_graceful_shutdown(shutdown).await
 }
 
-async fn metrics() -> Response {
-    let body = crate::metrics::render();
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let mut body = crate::metrics::render();
+    if let Some(extra) = state.extra {
+        match tokio::task::spawn_blocking(move || extra()).await {
+            Ok(text) => body.push_str(&text),
+            Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
@@ -120,8 +156,8 @@ async fn healthz() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], r#"{"status":"alive"}"#).into_response()
 }
 
-async fn readyz(State(readiness): State<Readiness>) -> Response {
-    let failing = readiness.failing();
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let failing = state.readiness.failing();
     let (status, body) = if failing.is_empty() {
         (StatusCode::OK, serde_json::json!({ "status": "ready" }))
     } else {

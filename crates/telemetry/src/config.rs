@@ -26,13 +26,30 @@ pub struct TelemetryConfig {
     /// Unset: no spans leave the process.
     #[arg(long = "otlp-endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// OTLP/gRPC endpoint that receives this service's metrics (the
+    /// metrics-aggregator, e.g. `http://metrics-aggregator:50052`), pushed
+    /// from the same instruments that feed `/metrics`. Unset: no push.
+    #[arg(long = "metrics-push-endpoint", env = "SHOAL_METRICS_PUSH_ENDPOINT")]
+    pub metrics_push_endpoint: Option<String>,
+    /// How often metrics are pushed to `--metrics-push-endpoint`.
+    #[arg(long = "metrics-push-interval", env = "SHOAL_METRICS_PUSH_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub metrics_push_interval: Duration,
 }
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self { log_format: LogFormat::Text, log_filter: None, otlp_endpoint: None }
+        Self {
+            log_format: LogFormat::Text,
+            log_filter: None,
+            otlp_endpoint: None,
+            metrics_push_endpoint: None,
+            metrics_push_interval: DEFAULT_METRICS_PUSH_INTERVAL,
+        }
     }
 }
+
+/// Default of `--metrics-push-interval`.
+pub const DEFAULT_METRICS_PUSH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Parses a duration such as `250ms`, `30s`, `2m` or `1h`. A bare number is
 /// milliseconds.

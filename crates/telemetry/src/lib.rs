@@ -4,7 +4,8 @@
 //! - [`init`]: one call that installs JSON or text logs (with trace and span
 //!   ids on every line inside a span), OpenTelemetry tracing (exported over
 //!   OTLP only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set) and the metrics
-//!   pipeline; the returned [`Telemetry`] flushes everything on shutdown.
+//!   pipeline (pushed over OTLP to the metrics-aggregator only when
+//!   `SHOAL_METRICS_PUSH_ENDPOINT` is set); the returned [`Telemetry`] flushes everything on shutdown.
 //! - [`propagation`]: W3C trace context across HTTP headers and gRPC metadata.
 //! - [`http`] and [`grpc`]: tower layers that give every request a span and
 //!   the RED metrics (`http_requests_total`, `grpc_server_requests_total`,
@@ -112,7 +113,14 @@ pub fn init_with(
     let tracer_provider = customize(builder).build();
     opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
     opentelemetry::global::set_tracer_provider(tracer_provider.clone());
-    metrics::install(resource);
+    let push = match &config.metrics_push_endpoint {
+        Some(endpoint) => Some(
+            metrics::push_reader(endpoint, config.metrics_push_interval)
+                .map_err(|e| TelemetryError::Exporter { endpoint: endpoint.clone(), source: Box::new(e) })?,
+        ),
+        None => None,
+    };
+    metrics::install(resource, push);
 
     let filter = match &config.log_filter {
         Some(directives) => EnvFilter::try_new(directives)?,
@@ -138,7 +146,7 @@ pub fn init_for_tests() {
         let config = TelemetryConfig {
             log_format: LogFormat::Text,
             log_filter: Some(std::env::var("RUST_LOG").unwrap_or_else(|_| "off".into())),
-            otlp_endpoint: None,
+            ..TelemetryConfig::default()
         };
         if let Ok(telemetry) = init("shoal-test", &config) {
             // Kept for the life of the test process.

@@ -11,11 +11,14 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry_otlp::{MetricExporter, WithExportConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
 use opentelemetry_sdk::metrics::reader::MetricReader;
-use opentelemetry_sdk::metrics::{InstrumentKind, ManualReader, Pipeline, SdkMeterProvider, Temporality};
+use opentelemetry_sdk::metrics::{
+    InstrumentKind, ManualReader, PeriodicReader, Pipeline, SdkMeterProvider, Temporality,
+};
 
 pub use opentelemetry::KeyValue;
 pub use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter, UpDownCounter};
@@ -54,16 +57,42 @@ impl MetricReader for SharedReader {
     }
 }
 
-pub(crate) fn install(resource: Resource) {
+/// The push side: an OTLP/gRPC metric exporter to `endpoint` (cumulative
+/// temporality, like `/metrics`), read every `interval`. Must be called
+/// inside a Tokio runtime.
+///
+/// # Errors
+///
+/// An endpoint the exporter cannot use.
+pub fn push_reader(
+    endpoint: &str,
+    interval: Duration,
+) -> Result<PeriodicReader<MetricExporter>, opentelemetry_otlp::ExporterBuildError> {
+    let exporter = MetricExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint.to_owned())
+        .with_timeout(interval.clamp(Duration::from_secs(1), Duration::from_secs(10)))
+        .with_temporality(Temporality::Cumulative)
+        .build()?;
+    Ok(PeriodicReader::builder(exporter).with_interval(interval).build())
+}
+
+pub(crate) fn install(resource: Resource, push: Option<PeriodicReader<MetricExporter>>) {
     PIPELINE.get_or_init(|| {
         let reader = Arc::new(ManualReader::builder().build());
-        let provider =
-            SdkMeterProvider::builder().with_resource(resource).with_reader(SharedReader(reader.clone())).build();
+        let mut builder = SdkMeterProvider::builder().with_resource(resource).with_reader(SharedReader(reader.clone()));
+        // One set of instruments, two readers: each keeps its own aggregation
+        // state, so pushing never changes what `/metrics` shows.
+        if let Some(push) = push {
+            builder = builder.with_reader(push);
+        }
+        let provider = builder.build();
         opentelemetry::global::set_meter_provider(provider.clone());
         Pipeline_ { provider, reader }
     });
 }
 
+/// Flushes and stops the metric readers (a final push when pushing).
 pub(crate) fn shutdown(timeout: Duration) {
     if let Some(pipeline) = PIPELINE.get() {
         let _ = pipeline.provider.shutdown_with_timeout(timeout);

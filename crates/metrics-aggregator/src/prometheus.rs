@@ -1,0 +1,230 @@
+//! The fleet view as Prometheus text (format 0.0.4), appended to the
+//! aggregator's own `/metrics`.
+//!
+//! Every fleet series is named `fleet_<metric>` (so it never collides with
+//! the aggregator's own series of the same name) and carries a `service`
+//! label: one series per service and label set, merged across the service's
+//! instances by the metric's rule (a label already called `service` becomes
+//! `exported_service`). Counters get `_total`; histograms `_bucket`, `_sum`
+//! and `_count`; exponential histograms and summaries `_count` and `_sum`
+//! only (there is no classic text form for exponential buckets, and summary
+//! quantiles cannot be merged). Per source: `fleet_up{service,instance}` and
+//! `fleet_source_last_seen_timestamp_seconds{service,instance}`.
+
+use std::fmt::Write as _;
+
+use crate::merge::Merged;
+use crate::series::{Kind, Labels};
+use crate::store::{Selection, Store};
+
+/// Renders the fleet view at `now_ms`.
+pub fn render(store: &Store, now_ms: u64) -> String {
+    let mut out = String::with_capacity(4096);
+    let sources = store.sources(now_ms);
+    if !sources.is_empty() {
+        header(&mut out, "fleet_up", "Whether the source pushed within its time-to-live", "gauge");
+        for s in &sources {
+            let labels = [("service", s.id.service.as_str()), ("instance", s.id.instance.as_str())];
+            sample(&mut out, "fleet_up", &labels, &Labels::default(), None, if s.up { 1.0 } else { 0.0 });
+        }
+        let name = "fleet_source_last_seen_timestamp_seconds";
+        header(&mut out, name, "Time of the source's last accepted push", "gauge");
+        for s in &sources {
+            let labels = [("service", s.id.service.as_str()), ("instance", s.id.instance.as_str())];
+            sample(&mut out, name, &labels, &Labels::default(), None, s.last_seen_ms as f64 / 1000.0);
+        }
+    }
+    for metric in store.metrics() {
+        let selection = Selection { by_service: true, ..Selection::metric(&metric.name) };
+        let Some(answer) = store.select(&selection, now_ms) else {
+            continue;
+        };
+        let base = format!("fleet_{}", sanitize(&metric.name));
+        match metric.kind {
+            Kind::Counter => {
+                let name = if base.ends_with("_total") { base.clone() } else { format!("{base}_total") };
+                header(&mut out, &name, &metric.description, "counter");
+                for (key, group) in &answer.groups {
+                    if let Merged::Counter(v) = group.value {
+                        sample(&mut out, &name, &service(key.service.as_deref()), &key.labels, None, v);
+                    }
+                }
+            }
+            Kind::Gauge | Kind::UpDownCounter => {
+                header(&mut out, &base, &metric.description, "gauge");
+                for (key, group) in &answer.groups {
+                    if let Merged::Level(l) = group.value {
+                        sample(&mut out, &base, &service(key.service.as_deref()), &key.labels, None, l.value);
+                    }
+                }
+            }
+            Kind::Histogram => {
+                header(&mut out, &base, &metric.description, "histogram");
+                let bucket = format!("{base}_bucket");
+                for (key, group) in &answer.groups {
+                    let Merged::Histogram(h) = &group.value else {
+                        continue;
+                    };
+                    let svc = service(key.service.as_deref());
+                    let mut cumulative = 0u64;
+                    for (bound, count) in h.bounds.iter().zip(&h.counts) {
+                        cumulative += count;
+                        sample(&mut out, &bucket, &svc, &key.labels, Some(&format_float(*bound)), cumulative as f64);
+                    }
+                    sample(&mut out, &bucket, &svc, &key.labels, Some("+Inf"), h.count as f64);
+                    sample(&mut out, &format!("{base}_sum"), &svc, &key.labels, None, h.sum);
+                    sample(&mut out, &format!("{base}_count"), &svc, &key.labels, None, h.count as f64);
+                }
+            }
+            Kind::ExponentialHistogram | Kind::Summary => {
+                header(&mut out, &base, &metric.description, "summary");
+                for (key, group) in &answer.groups {
+                    let (count, sum) = match &group.value {
+                        Merged::Exponential(e) => (e.count, e.sum),
+                        Merged::Summary(s) => (s.count, s.sum),
+                        _ => continue,
+                    };
+                    let svc = service(key.service.as_deref());
+                    sample(&mut out, &format!("{base}_sum"), &svc, &key.labels, None, sum);
+                    sample(&mut out, &format!("{base}_count"), &svc, &key.labels, None, count as f64);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn service(name: Option<&str>) -> [(&'static str, &str); 1] {
+    [("service", name.unwrap_or(""))]
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    if !help.is_empty() {
+        let _ = writeln!(out, "# HELP {name} {}", help.replace('\\', "\\\\").replace('\n', "\\n"));
+    }
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn sample(out: &mut String, name: &str, fixed: &[(&str, &str)], labels: &Labels, le: Option<&str>, value: f64) {
+    out.push_str(name);
+    out.push('{');
+    let mut first = true;
+    let mut pair = |out: &mut String, key: &str, value: &str| {
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        out.push_str(key);
+        out.push_str("=\"");
+        escape(out, value);
+        out.push('"');
+    };
+    for (k, v) in fixed {
+        pair(out, k, v);
+    }
+    for (k, v) in labels.iter() {
+        let key = sanitize(k);
+        let key = if fixed.iter().any(|(f, _)| *f == key) || key == "le" { format!("exported_{key}") } else { key };
+        pair(out, &key, v);
+    }
+    if let Some(le) = le {
+        pair(out, "le", le);
+    }
+    out.push_str("} ");
+    out.push_str(&format_float(value));
+    out.push('\n');
+}
+
+fn escape(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+fn format_float(value: f64) -> String {
+    if value.is_infinite() {
+        if value > 0.0 { "+Inf".into() } else { "-Inf".into() }
+    } else if value.is_nan() {
+        "NaN".into()
+    } else if value == 0.0 {
+        "0".into()
+    } else {
+        format!("{value}")
+    }
+}
+
+fn sanitize(name: &str) -> String {
+    let mut out: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == ':' { c } else { '_' }).collect();
+    if out.starts_with(|c: char| c.is_ascii_digit()) {
+        out.insert(0, '_');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::histogram::Histogram;
+    use crate::source::SourceId;
+    use crate::store::{Limits, MetricPush, Point, Settings, SourcePush, Value};
+
+    #[test]
+    fn the_fleet_renders_per_service_with_prefixed_names() {
+        let mut store = Store::new(Settings {
+            limits: Limits { max_series_per_metric: 10, max_series: 100, max_sources: 10 },
+            ttl_ms: 30_000,
+            retention_ms: 3_600_000,
+            policies: HashMap::new(),
+        });
+        for instance in ["a", "b"] {
+            store.ingest(
+                SourcePush {
+                    source: SourceId::new("gw", instance),
+                    metrics: vec![
+                        MetricPush {
+                            name: "http.requests".into(),
+                            description: "HTTP requests".into(),
+                            unit: String::new(),
+                            kind: Kind::Counter,
+                            points: vec![Point {
+                                labels: Labels::new(vec![("service".into(), "x".into())]),
+                                start: 1,
+                                time: 2,
+                                delta: false,
+                                value: Value::Number(3.0),
+                            }],
+                        },
+                        MetricPush {
+                            name: "latency".into(),
+                            description: String::new(),
+                            unit: "s".into(),
+                            kind: Kind::Histogram,
+                            points: vec![Point {
+                                labels: Labels::default(),
+                                start: 1,
+                                time: 2,
+                                delta: false,
+                                value: Value::Histogram(Histogram::new(vec![0.1], vec![1, 2], 3, 1.5).unwrap()),
+                            }],
+                        },
+                    ],
+                },
+                0,
+            );
+        }
+        let text = render(&store, 0);
+        assert!(text.contains("# TYPE fleet_http_requests_total counter\n"), "{text}");
+        assert!(text.contains("fleet_http_requests_total{service=\"gw\",exported_service=\"x\"} 6\n"), "{text}");
+        assert!(text.contains("fleet_latency_bucket{service=\"gw\",le=\"0.1\"} 2\n"), "{text}");
+        assert!(text.contains("fleet_latency_bucket{service=\"gw\",le=\"+Inf\"} 6\n"), "{text}");
+        assert!(text.contains("fleet_up{service=\"gw\",instance=\"a\"} 1\n"), "{text}");
+    }
+}
