@@ -62,6 +62,10 @@ pub enum ApiError {
     TaskFailed(String),
     #[error("workers at capacity")]
     UpstreamBusy,
+    #[error("job queue full: {0}")]
+    QueueFull(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
     #[error("no {upstream} available: {cause}")]
     UpstreamUnavailable { upstream: &'static str, cause: String },
     #[error("deadline of {0:?} exceeded")]
@@ -119,8 +123,11 @@ impl ApiError {
                 StatusCode::NOT_FOUND,
                 "route-not-found",
                 "No such route",
-                format!("no route matches `{path}`; the API serves GET /, POST /v1/tasks/{{kind}} and GET /v1/status")
-                    .into(),
+                format!(
+                    "no route matches `{path}`; the API serves GET /, POST /v1/tasks/{{kind}}, POST /v1/jobs, \
+                     GET|DELETE /v1/jobs/{{id}}, GET /v1/status and GET /v1/stats"
+                )
+                .into(),
             ),
             MethodNotAllowed { method } => p(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -142,6 +149,16 @@ impl ApiError {
                     "every worker is at its concurrency limit; retry after the Retry-After delay".into(),
                 )
             },
+            QueueFull(detail) => Problem {
+                retry_after: true,
+                ..p(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "queue-full",
+                    "Job queue full",
+                    format!("{detail}; retry after the Retry-After delay").into(),
+                )
+            },
+            Conflict(detail) => p(StatusCode::CONFLICT, "conflict", "Conflict", detail.clone().into()),
             UpstreamUnavailable { upstream, .. } => Problem {
                 retry_after: true,
                 ..p(
@@ -258,6 +275,31 @@ impl ApiError {
             Code::DeadlineExceeded => Self::Timeout(deadline),
             Code::Unavailable => Self::UpstreamUnavailable { upstream: "worker", cause: message },
             code => Self::BadGateway(format!("worker answered {code:?}: {message}")),
+        }
+    }
+}
+
+impl ApiError {
+    /// The error for a failed jobs call to the worker. Unlike tasks, a full
+    /// queue is `429`: the client should slow down its submissions.
+    ///
+    /// | gRPC | HTTP |
+    /// |---|---|
+    /// | `INVALID_ARGUMENT` | 400 |
+    /// | `NOT_FOUND` | 404 |
+    /// | `FAILED_PRECONDITION` | 409 (the job already ended) |
+    /// | `RESOURCE_EXHAUSTED` | 429 + `Retry-After` (the queue is at its bound) |
+    /// | `UNAVAILABLE` | 503 + `Retry-After` (no worker, or Redis unreachable) |
+    /// | `DEADLINE_EXCEEDED` | 504 |
+    pub fn from_jobs(status: tonic::Status, deadline: Duration) -> Self {
+        use tonic::Code;
+        let message = status.message().to_owned();
+        match status.code() {
+            Code::InvalidArgument => Self::BadRequest(message),
+            Code::FailedPrecondition => Self::Conflict(message),
+            Code::ResourceExhausted => Self::QueueFull(message),
+            Code::Unavailable => Self::UpstreamUnavailable { upstream: "job service", cause: message },
+            _ => Self::from_worker(status, deadline),
         }
     }
 }

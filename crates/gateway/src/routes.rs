@@ -4,6 +4,8 @@
 //! |---|---|
 //! | `GET /` | the blueprint's hello (`?delay_ms=N` waits first, for load tests) |
 //! | `POST /v1/tasks/{kind}` | runs a task on a worker over gRPC |
+//! | `POST /v1/jobs` | queues a durable job (`202` + `Location`) |
+//! | `GET /v1/jobs/{id}`, `DELETE /v1/jobs/{id}` | reads or cancels a job |
 //! | `GET /v1/status` | the health of the worker and aggregator, checked in parallel |
 //!
 //! Anything else is a `404` or `405` problem (see [`crate::problem`]).
@@ -12,6 +14,7 @@
 //! body limit.
 
 mod hello;
+mod jobs;
 mod status;
 mod tasks;
 
@@ -66,6 +69,8 @@ pub(crate) fn router(state: AppState, max_in_flight: usize) -> Router {
     Router::new()
         .route("/", get(hello::hello))
         .route("/v1/tasks/{kind}", post(tasks::execute))
+        .route("/v1/jobs", post(jobs::submit))
+        .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
         .route("/v1/status", get(status::status))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -38,6 +38,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
 pub use config::{LogFormat, TelemetryConfig};
+pub use logging::rfc3339_from_unix_ms;
 
 /// Errors while installing telemetry. Each is fatal at start-up.
 #[derive(Debug, thiserror::Error)]

@@ -106,11 +106,17 @@ impl Visit for JsonVisitor<'_> {
 /// UTC time as RFC 3339 with milliseconds, without pulling in a date crate.
 fn rfc3339_now() -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = now.as_secs();
+    rfc3339_from_unix_ms(now.as_millis() as u64)
+}
+
+/// A Unix time in milliseconds as RFC 3339 UTC with milliseconds
+/// (`2026-11-27T05:33:42.129Z`).
+pub fn rfc3339_from_unix_ms(ms: u64) -> String {
+    let secs = ms / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (hour, minute, second) = (rem / 3600, (rem % 3600) / 60, rem % 60);
     let (year, month, day) = civil_from_days(days as i64);
-    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{:03}Z", now.subsec_millis())
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{:03}Z", ms % 1000)
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's
@@ -137,5 +143,11 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
         assert_eq!(civil_from_days(20_784), (2026, 11, 27));
+    }
+
+    #[test]
+    fn unix_milliseconds_format_as_rfc3339() {
+        assert_eq!(super::rfc3339_from_unix_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::rfc3339_from_unix_ms(1_795_757_622_129), "2026-11-27T05:33:42.129Z");
     }
 }

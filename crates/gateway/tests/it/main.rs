@@ -6,6 +6,7 @@ mod balancing;
 mod deadline;
 mod errors;
 mod helpers;
+mod jobs;
 mod lifecycle;
 mod metrics;
 mod status;
