@@ -251,7 +251,16 @@ pub async fn healthcheck_subcommand<C: clap::Parser>(admin_addr: impl FnOnce(&C)
     if args.next()?.to_str() != Some(HEALTHCHECK_ARG) {
         return None;
     }
-    let config = match C::try_parse_from(std::iter::once(program).chain(args)) {
+    let args = match crate::config::args_with_env_files::<C>(std::iter::once(program).chain(args), |name| {
+        std::env::var_os(name)
+    }) {
+        Ok(args) => args,
+        Err(message) => {
+            println!("not ready: {message}");
+            return Some(ExitCode::from(2));
+        }
+    };
+    let config = match C::try_parse_from(args) {
         Ok(config) => config,
         Err(error) => {
             let _ = error.print();
