@@ -7,6 +7,7 @@
 //! | `POST /v1/jobs` | queues a durable job (`202` + `Location`) |
 //! | `GET /v1/jobs/{id}`, `DELETE /v1/jobs/{id}` | reads or cancels a job |
 //! | `GET /v1/status` | the health of the worker and aggregator, checked in parallel |
+//! | `GET /openapi.json` | the OpenAPI 3.1 document of this API |
 //!
 //! Anything else is a `404` or `405` problem (see [`crate::problem`]).
 //! Layers, outermost first: request telemetry (span + metrics by route
@@ -15,6 +16,7 @@
 
 mod hello;
 mod jobs;
+mod openapi;
 mod status;
 mod tasks;
 
@@ -72,6 +74,7 @@ pub(crate) fn router(state: AppState, max_in_flight: usize) -> Router {
         .route("/v1/jobs", post(jobs::submit))
         .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
         .route("/v1/status", get(status::status))
+        .route("/openapi.json", get(openapi::openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

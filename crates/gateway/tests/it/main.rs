@@ -9,6 +9,7 @@ mod helpers;
 mod jobs;
 mod lifecycle;
 mod metrics;
+mod openapi;
 mod status;
 mod tasks;
 mod tracing;
