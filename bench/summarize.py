@@ -210,6 +210,14 @@ def markdown(results, meta, rows):
               f"open files: {meta.get('nofile')}.  ")
     md.append(f"Load average before/after: {meta.get('load_before')} / {meta.get('load_after')}; commit {meta.get('commit')}; "
               f"{meta.get('date')}; took {meta.get('elapsed_s')} s.  ")
+    per_section = [
+        f"{k[len('load_before_'):]}: {meta[k].split(';')[0]} → {meta.get('load_after_' + k[len('load_before_'):], '?').split(';')[0]}"
+        f" (rustc processes {meta[k].split(': ')[-1]} → {meta.get('load_after_' + k[len('load_before_'):], '?').split(': ')[-1]})"
+        for k in meta
+        if k.startswith("load_before_")
+    ]
+    if per_section:
+        md.append(f"Load average per section, before → after: {'; '.join(per_section)}.  ")
     if meta.get("fastapi"):
         md.append(f"FastAPI baseline: {meta['fastapi']}\n")
 

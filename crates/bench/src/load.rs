@@ -169,7 +169,8 @@ pub struct Report {
     pub error_kinds: BTreeMap<String, u64>,
     /// Successful responses per second over the measured window.
     pub achieved_rps: f64,
-    /// Length of the measured window, seconds.
+    /// Length of the measured window, seconds (open loop: the scheduled
+    /// window, or longer when completions trailed it).
     pub window_s: f64,
     /// Latency of successful requests (open loop: corrected for coordinated
     /// omission, see the module docs).
@@ -297,8 +298,12 @@ impl Tally {
     fn report(mut self, config: &LoadConfig, start: Instant) -> Report {
         let (sent, window) = match (config.mode, config.requests_per_connection) {
             (Mode::Open, _) => {
+                // When the server fell behind, completions trail the
+                // schedule: the rate is over the time they really took.
                 let rate = config.rate.unwrap_or(1.0);
-                (scheduled(rate, config.duration), config.duration)
+                let measure_from = start + config.warmup;
+                let took = self.last_done.map_or(Duration::ZERO, |d| d.saturating_duration_since(measure_from));
+                (scheduled(rate, config.duration), took.max(config.duration))
             }
             (Mode::Closed, Some(_)) => {
                 let end = self.last_done.unwrap_or(start);
