@@ -161,7 +161,7 @@ impl Aggregator {
             .add_service(reflection_v1alpha)
             .add_service(AggregatorServiceServer::new(query))
             .add_service(ingest)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async {
+            .serve_with_incoming_shutdown(incoming(grpc), async {
                 let _ = grpc_stopped.await;
             });
         let mut server = tokio::spawn(server);
@@ -208,6 +208,21 @@ impl Aggregator {
         tracing::info!("stopped");
         result.and(admin_result)
     }
+}
+
+/// Accepted connections with Nagle's algorithm off: with a listener of our
+/// own, tonic does not set `TCP_NODELAY`, and small gRPC responses then wait
+/// for the peer's delayed ACK (40 ms on Linux).
+fn incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt as _;
+    TcpListenerStream::new(listener).map(|accepted| {
+        if let Ok(stream) = &accepted
+            && let Err(error) = stream.set_nodelay(true)
+        {
+            tracing::debug!(error = %error, "cannot set TCP_NODELAY");
+        }
+        accepted
+    })
 }
 
 /// Reflection over Shoal's protos, health, and the OTLP metrics service.

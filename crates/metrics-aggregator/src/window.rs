@@ -138,8 +138,9 @@ impl Windows {
             let ring_key = (service, selection.metric.clone(), key.labels);
             let (increase, covered_ms) = match self.rings.get(&ring_key).and_then(|r| r.baseline(start)) {
                 Some((t, baseline)) => (group.value.increase_since(baseline), now_ms.saturating_sub(*t)),
-                // Not sampled yet: nothing can be said about its increase.
-                None => (group.value.zero_like(), 0),
+                // Not sampled yet: the series is newer than the last sample,
+                // so all of it (counted since first seen) is in the window.
+                None => (group.value, 0),
             };
             let (service, _, labels) = ring_key;
             let key = selection.group_key(&service, &labels);
