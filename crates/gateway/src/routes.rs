@@ -7,6 +7,7 @@
 //! | `POST /v1/jobs` | queues a durable job (`202` + `Location`) |
 //! | `GET /v1/jobs/{id}`, `DELETE /v1/jobs/{id}` | reads or cancels a job |
 //! | `GET /v1/status` | the health of the worker and aggregator, checked in parallel |
+//! | `GET /v1/stats` | the fleet's request and error rates, latency quantiles and job throughput per service, from the aggregator |
 //! | `GET /openapi.json` | the OpenAPI 3.1 document of this API |
 //!
 //! Anything else is a `404` or `405` problem (see [`crate::problem`]).
@@ -17,6 +18,7 @@
 mod hello;
 mod jobs;
 mod openapi;
+mod stats;
 mod status;
 mod tasks;
 
@@ -28,6 +30,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
 use axum::routing::{get, post};
+use shoal_proto::aggregator::v1::aggregator_service_client::AggregatorServiceClient;
 use shoal_proto::worker::v1::worker_service_client::WorkerServiceClient;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -44,6 +47,7 @@ pub(crate) struct Shared {
     pub worker: WorkerServiceClient<GrpcChannel>,
     pub worker_health: HealthClient<GrpcChannel>,
     pub worker_endpoints: Arc<AtomicUsize>,
+    pub aggregator: AggregatorServiceClient<GrpcChannel>,
     pub aggregator_health: HealthClient<GrpcChannel>,
     pub aggregator_endpoints: Arc<AtomicUsize>,
     pub default_timeout: Duration,
@@ -74,6 +78,7 @@ pub(crate) fn router(state: AppState, max_in_flight: usize) -> Router {
         .route("/v1/jobs", post(jobs::submit))
         .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
         .route("/v1/status", get(status::status))
+        .route("/v1/stats", get(stats::stats))
         .route("/openapi.json", get(openapi::openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use shoal_proto::aggregator::v1::aggregator_service_client::AggregatorServiceClient;
 use shoal_proto::worker::v1::worker_service_client::WorkerServiceClient;
 use shoal_telemetry::admin::{self, Readiness};
 use tokio::net::TcpListener;
@@ -111,6 +112,7 @@ impl Gateway {
             worker: WorkerServiceClient::new(worker.channel()),
             worker_health: HealthClient::new(worker.channel()),
             worker_endpoints: worker.endpoints(),
+            aggregator: AggregatorServiceClient::new(aggregator.channel()),
             aggregator_health: HealthClient::new(aggregator.channel()),
             aggregator_endpoints: aggregator.endpoints(),
             default_timeout: config.default_timeout,

@@ -10,6 +10,7 @@ mod jobs;
 mod lifecycle;
 mod metrics;
 mod openapi;
+mod stats;
 mod status;
 mod tasks;
 mod tracing;
