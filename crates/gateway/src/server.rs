@@ -157,7 +157,7 @@ impl Gateway {
             let _ = admin_stopped.await;
         }));
         let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = axum::serve(http, app)
+        let server = axum::serve(shoal_telemetry::net::http_listener(http), app)
             .with_graceful_shutdown(async {
                 let _ = http_stopped.await;
             })

@@ -11,7 +11,6 @@ use shoal_proto::aggregator::v1::aggregator_service_server::{AggregatorServiceSe
 use shoal_telemetry::admin::{self, Readiness};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
@@ -161,7 +160,7 @@ impl Aggregator {
             .add_service(reflection_v1alpha)
             .add_service(AggregatorServiceServer::new(query))
             .add_service(ingest)
-            .serve_with_incoming_shutdown(incoming(grpc), async {
+            .serve_with_incoming_shutdown(shoal_telemetry::net::incoming(grpc), async {
                 let _ = grpc_stopped.await;
             });
         let mut server = tokio::spawn(server);
@@ -208,21 +207,6 @@ impl Aggregator {
         tracing::info!("stopped");
         result.and(admin_result)
     }
-}
-
-/// Accepted connections with Nagle's algorithm off: with a listener of our
-/// own, tonic does not set `TCP_NODELAY`, and small gRPC responses then wait
-/// for the peer's delayed ACK (40 ms on Linux).
-fn incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use futures::StreamExt as _;
-    TcpListenerStream::new(listener).map(|accepted| {
-        if let Ok(stream) = &accepted
-            && let Err(error) = stream.set_nodelay(true)
-        {
-            tracing::debug!(error = %error, "cannot set TCP_NODELAY");
-        }
-        accepted
-    })
 }
 
 /// Reflection over Shoal's protos, health, and the OTLP metrics service.

@@ -125,7 +125,7 @@ pub async fn serve_router(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    axum::serve(crate::net::http_listener(listener), router).with_graceful_shutdown(shutdown).await
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` resolves.
@@ -138,7 +138,7 @@ pub async fn serve(
     readiness: Readiness,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(readiness)).with_graceful_shutdown(shutdown).await
+    axum::serve(crate::net::http_listener(listener), router(readiness)).with_graceful_shutdown(shutdown).await
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {

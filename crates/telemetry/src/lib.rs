@@ -22,6 +22,7 @@ pub mod grpc;
 pub mod http;
 mod logging;
 pub mod metrics;
+pub mod net;
 pub mod propagation;
 pub mod shutdown;
 

@@ -35,6 +35,7 @@
 //! | `{p}:open` | string (counter) | jobs not yet in a terminal state: the queue bound |
 
 mod api;
+mod batch;
 mod executor;
 mod keys;
 mod model;

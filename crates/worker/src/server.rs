@@ -13,7 +13,6 @@ use shoal_proto::worker::v1::worker_service_server::{SERVICE_NAME, WorkerService
 use shoal_telemetry::admin::{self, Readiness};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -168,7 +167,7 @@ impl Worker {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(WorkerServiceServer::new(service).max_decoding_message_size(max_message))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async {
+            .serve_with_incoming_shutdown(shoal_telemetry::net::incoming(grpc), async {
                 let _ = grpc_stopped.await;
             });
         let mut server = tokio::spawn(server);

@@ -52,16 +52,17 @@ impl JobsApi {
     pub async fn submit(&self, request: pb::SubmitJobRequest) -> Result<pb::SubmitJobResponse, JobError> {
         let store = self.store()?;
         let job = self.validate(request)?;
-        let outcome = bounded(store.submit(&job)).await?;
-        let (id, created) = match outcome {
-            SubmitOutcome::Created(id) => (id, true),
-            SubmitOutcome::Existing(id) => (id, false),
+        let (record, created) = match bounded(store.submit(&job)).await? {
+            SubmitOutcome::Created(record) => {
+                tracing::debug!(job_id = %record.id, kind = %record.kind, "job queued");
+                (*record, true)
+            }
+            SubmitOutcome::Existing(id) => {
+                let record = bounded(store.get(&id)).await?.ok_or_else(|| JobError::NotFound(id.to_string()))?;
+                (record, false)
+            }
             SubmitOutcome::Full { open } => return Err(JobError::QueueFull { open }),
         };
-        let record = bounded(store.get(&id)).await?.ok_or_else(|| JobError::NotFound(id.to_string()))?;
-        if created {
-            tracing::debug!(job_id = %id, kind = %record.kind, "job queued");
-        }
         Ok(pb::SubmitJobResponse { job: Some(to_proto(record)), created })
     }
 

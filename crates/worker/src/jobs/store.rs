@@ -9,6 +9,7 @@ use deadpool_redis::Pool;
 use redis::streams::{StreamAutoClaimReply, StreamInfoGroupsReply, StreamPendingReply, StreamReadReply};
 use redis::{AsyncCommands as _, Value};
 
+use super::batch::{Batcher, Call};
 use super::keys::Keys;
 use super::model::{JobId, JobRecord, JobState, NewJob};
 use super::scripts;
@@ -23,13 +24,15 @@ pub enum StoreError {
     Pool(#[from] deadpool_redis::PoolError),
     #[error("unexpected reply from redis: {0}")]
     Protocol(String),
+    #[error("redis pipeline failed: {0}")]
+    Batch(String),
 }
 
 /// What a submission did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SubmitOutcome {
-    /// A new job, queued.
-    Created(JobId),
+    /// A new job, queued (the record as written).
+    Created(Box<JobRecord>),
     /// The idempotency key was seen before: this is its job.
     Existing(JobId),
     /// The queue holds `open` unfinished jobs, its bound: refused.
@@ -98,6 +101,7 @@ pub struct JobStore {
     pool: Pool,
     keys: Keys,
     config: StoreConfig,
+    batcher: Batcher,
 }
 
 impl std::fmt::Debug for JobStore {
@@ -110,7 +114,7 @@ pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
 }
 
-fn text(value: &Value) -> Option<String> {
+fn as_text(value: &Value) -> Option<String> {
     match value {
         Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
         Value::SimpleString(s) => Some(s.clone()),
@@ -122,16 +126,20 @@ fn text(value: &Value) -> Option<String> {
 fn texts(value: Value) -> Result<Vec<String>, StoreError> {
     match value {
         Value::Array(items) => {
-            items.iter().map(|item| text(item).ok_or_else(|| StoreError::Protocol(format!("{item:?}")))).collect()
+            items.iter().map(|item| as_text(item).ok_or_else(|| StoreError::Protocol(format!("{item:?}")))).collect()
         }
-        other => text(&other).map(|t| vec![t]).ok_or_else(|| StoreError::Protocol(format!("{other:?}"))),
+        other => as_text(&other).map(|t| vec![t]).ok_or_else(|| StoreError::Protocol(format!("{other:?}"))),
     }
 }
 
 impl JobStore {
     /// A store over `pool` with keys under `keys`.
+    ///
+    /// Must be called inside a Tokio runtime: it starts the task that batches
+    /// script calls ([`super::batch`]).
     pub fn new(pool: Pool, keys: Keys, config: StoreConfig) -> Self {
-        Self { pool, keys, config }
+        let batcher = Batcher::spawn(pool.clone());
+        Self { pool, keys, config, batcher }
     }
 
     /// The key names.
@@ -186,8 +194,8 @@ impl JobStore {
     pub async fn submit(&self, job: &NewJob) -> Result<SubmitOutcome, StoreError> {
         let id = JobId::generate();
         let idem = job.idempotency_key.as_deref();
-        let mut conn = self.conn().await?;
-        let reply: Value = scripts::SUBMIT
+        let now = now_ms();
+        let call = Call::new(&scripts::SUBMIT)
             .key(self.keys.job(id.as_str()))
             .key(self.keys.stream())
             .key(self.keys.open())
@@ -197,15 +205,31 @@ impl JobStore {
             .arg(&job.payload_json)
             .arg(job.max_attempts)
             .arg(job.timeout.as_millis() as u64)
-            .arg(now_ms())
+            .arg(now)
             .arg(self.config.max_open)
             .arg(self.config.idempotency_ttl.as_secs().max(1))
-            .arg(if idem.is_some() { "1" } else { "0" })
-            .invoke_async(&mut conn)
-            .await?;
-        let reply = texts(reply)?;
+            .arg(if idem.is_some() { "1" } else { "0" });
+        let reply = texts(self.batcher.call(call).await?)?;
         match reply.as_slice() {
-            [tag, id] if tag == "CREATED" => Ok(SubmitOutcome::Created(parse_id(id)?)),
+            [tag, _] if tag == "CREATED" => Ok(SubmitOutcome::Created(Box::new(JobRecord {
+                id,
+                kind: job.kind.clone(),
+                payload_json: job.payload_json.clone(),
+                state: JobState::Queued,
+                attempts: 0,
+                max_attempts: job.max_attempts,
+                timeout_ms: job.timeout.as_millis() as u64,
+                progress: 0,
+                result_json: None,
+                error: None,
+                created_ms: now,
+                updated_ms: now,
+                started_ms: None,
+                finished_ms: None,
+                next_attempt_ms: None,
+                completions: 0,
+                worker: None,
+            }))),
             [tag, id] if tag == "EXISTS" => Ok(SubmitOutcome::Existing(parse_id(id)?)),
             [tag, open] if tag == "FULL" => Ok(SubmitOutcome::Full { open: open.parse().unwrap_or_default() }),
             other => Err(StoreError::Protocol(format!("submit: {other:?}"))),
@@ -343,15 +367,8 @@ impl JobStore {
 
     /// Begins a delivery of job `id` from stream entry `entry`.
     pub(crate) async fn start(&self, entry: &str, id: &JobId, consumer: &str) -> Result<StartOutcome, StoreError> {
-        let mut conn = self.conn().await?;
-        let reply: Value = scripts::START
-            .key(self.keys.job(id.as_str()))
-            .arg(entry)
-            .arg(consumer)
-            .arg(now_ms())
-            .invoke_async(&mut conn)
-            .await?;
-        let reply = texts(reply)?;
+        let call = Call::new(&scripts::START).key(self.keys.job(id.as_str())).arg(entry).arg(consumer).arg(now_ms());
+        let reply = texts(self.batcher.call(call).await?)?;
         match reply.first().map(String::as_str) {
             Some("RUN") if reply.len() == 6 => Ok(StartOutcome::Run {
                 attempts: reply[1].parse().unwrap_or(1),
@@ -362,6 +379,7 @@ impl JobStore {
             }),
             Some("CANCEL") => Ok(StartOutcome::CancelRequested),
             Some("TERMINAL" | "MISSING") => {
+                let mut conn = self.conn().await?;
                 let _: u64 = conn.xack(self.keys.stream(), Keys::GROUP, &[entry]).await?;
                 Ok(StartOutcome::Skip)
             }
@@ -380,8 +398,7 @@ impl JobStore {
         text: &str,
     ) -> Result<bool, StoreError> {
         debug_assert!(state.is_terminal());
-        let mut conn = self.conn().await?;
-        let reply: String = scripts::FINISH
+        let call = Call::new(&scripts::FINISH)
             .key(self.keys.job(id.as_str()))
             .key(self.keys.stream())
             .key(self.keys.open())
@@ -392,18 +409,16 @@ impl JobStore {
             .arg(text)
             .arg(now_ms())
             .arg(self.config.job_ttl.as_secs().max(1))
-            .arg(id.as_str())
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(reply == "DONE")
+            .arg(id.as_str());
+        let reply = self.batcher.call(call).await?;
+        Ok(as_text(&reply).as_deref() == Some("DONE"))
     }
 
     /// Schedules another attempt of `id` at `due_ms` after an attempt failed
     /// with `error`, and acknowledges `entry`. Returns `false` when a cancel
     /// was requested instead (the caller finishes it as cancelled).
     pub(crate) async fn retry(&self, entry: &str, id: &JobId, error: &str, due_ms: u64) -> Result<bool, StoreError> {
-        let mut conn = self.conn().await?;
-        let reply: String = scripts::RETRY
+        let call = Call::new(&scripts::RETRY)
             .key(self.keys.job(id.as_str()))
             .key(self.keys.stream())
             .key(self.keys.delayed())
@@ -412,10 +427,9 @@ impl JobStore {
             .arg(error)
             .arg(due_ms)
             .arg(now_ms())
-            .arg(id.as_str())
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(reply != "CANCEL")
+            .arg(id.as_str());
+        let reply = self.batcher.call(call).await?;
+        Ok(as_text(&reply).as_deref() != Some("CANCEL"))
     }
 
     /// Hands unfinished deliveries back on shutdown: the jobs are queued again

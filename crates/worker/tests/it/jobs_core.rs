@@ -78,7 +78,7 @@ fn start_runner(store: &JobStore, consumer: &str, slots: usize, grace: Duration)
 
 async fn created(store: &JobStore, new: &NewJob) -> JobId {
     match store.submit(new).await.expect("submit") {
-        SubmitOutcome::Created(id) => id,
+        SubmitOutcome::Created(record) => record.id,
         other => panic!("expected a new job, got {other:?}"),
     }
 }

@@ -1,0 +1,67 @@
+"""Submits N no-op arq jobs with bounded concurrency while an arq worker runs,
+then waits until every job has a result; prints one JSON line like
+crates/worker/examples/jobs_load.rs does for Shoal."""
+import asyncio
+import json
+import os
+import sys
+import time
+
+from arq import create_pool
+from arq.connections import RedisSettings
+
+
+async def main(jobs: int, concurrency: int) -> None:
+    port = int(os.environ["BENCH_REDIS_PORT"])
+    redis = await create_pool(RedisSettings(host="127.0.0.1", port=port))
+    limit = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    errors = 0
+
+    async def submit() -> None:
+        nonlocal errors
+        async with limit:
+            sent = time.perf_counter()
+            job = await redis.enqueue_job("noop")
+            if job is None:
+                errors += 1
+            else:
+                latencies.append(time.perf_counter() - sent)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(submit() for _ in range(jobs)))
+    submitted_in = time.perf_counter() - started
+    deadline = time.perf_counter() + 300
+    while True:
+        done = 0
+        async for _ in redis.scan_iter(match="arq:result:*", count=10000):
+            done += 1
+        if done >= jobs - errors:
+            break
+        if time.perf_counter() > deadline:
+            raise SystemExit(f"only {done} arq jobs finished after 300 s")
+        await asyncio.sleep(0.01)
+    total = time.perf_counter() - started
+    latencies.sort()
+
+    def quantile(q: float) -> float:
+        if not latencies:
+            return 0.0
+        return latencies[min(int(len(latencies) * q), len(latencies) - 1)] * 1000
+
+    print(json.dumps({
+        "system": "arq",
+        "jobs": jobs - errors,
+        "errors": errors,
+        "concurrency": concurrency,
+        "submit_seconds": submitted_in,
+        "seconds": total,
+        "jobs_per_second": (jobs - errors) / total,
+        "submit_p50_ms": quantile(0.50),
+        "submit_p99_ms": quantile(0.99),
+    }))
+    await redis.aclose()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
