@@ -123,11 +123,18 @@ pub struct LoadConfig {
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub warmup: Duration,
 
-    /// Closed loop: send exactly this many requests per connection (all
-    /// connections start together; no warm-up; `duration` is ignored) and
-    /// report the rate over the time until the last one completed.
+    /// Closed loop: send exactly this many requests per connection (no
+    /// warm-up; `duration` is ignored). The reported rate is the sum over
+    /// connections of each one's successful requests divided by the time
+    /// from its first send to its last completion.
     #[arg(long)]
     pub requests_per_connection: Option<u64>,
+
+    /// Closed loop with `--requests-per-connection`: spread the connections'
+    /// first sends evenly over this long (0: all start at the same instant,
+    /// a synchronized burst).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub ramp: Duration,
 
     /// A request not answered within this long counts as a timeout (its
     /// connection is dropped and reopened).
@@ -227,9 +234,9 @@ pub async fn run(config: LoadConfig) -> Result<Report, LoadError> {
     let start = Instant::now() + Duration::from_millis(20);
     let shared = Arc::new(Shared { next: AtomicU64::new(0), start });
     let mut workers = Vec::with_capacity(conns.len());
-    for conn in conns {
+    for (index, conn) in conns.into_iter().enumerate() {
         let (config, shared) = (config.clone(), shared.clone());
-        workers.push(tokio::spawn(async move { worker(&config, &shared, conn).await }));
+        workers.push(tokio::spawn(async move { worker(&config, &shared, index as u64, conn).await }));
     }
     let mut total = Tally::default();
     for handle in workers {
@@ -255,6 +262,8 @@ struct Tally {
     lag: Vec<u64>,
     first_start: Option<Instant>,
     last_done: Option<Instant>,
+    /// Closed loop with a fixed count: the sum of each connection's rate.
+    client_rates: f64,
 }
 
 impl Tally {
@@ -269,6 +278,7 @@ impl Tally {
         self.latency.extend(other.latency);
         self.service.extend(other.service);
         self.lag.extend(other.lag);
+        self.client_rates += other.client_rates;
         self.last_done = self.last_done.max(other.last_done);
         self.first_start = match (self.first_start, other.first_start) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -326,7 +336,11 @@ impl Tally {
             timeouts: self.timeouts,
             unfinished: sent.saturating_sub(self.ok + errors + self.timeouts),
             error_kinds: self.errors,
-            achieved_rps: if window_s > 0.0 { self.ok as f64 / window_s } else { 0.0 },
+            achieved_rps: match (config.mode, config.requests_per_connection) {
+                (Mode::Closed, Some(_)) => self.client_rates,
+                _ if window_s > 0.0 => self.ok as f64 / window_s,
+                _ => 0.0,
+            },
             window_s,
             latency: Summary::from_nanos(&mut self.latency),
             service_time: Summary::from_nanos(&mut self.service),
@@ -344,7 +358,7 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-async fn worker(config: &LoadConfig, shared: &Shared, mut conn: Conn) -> Tally {
+async fn worker(config: &LoadConfig, shared: &Shared, index: u64, mut conn: Conn) -> Tally {
     let mut tally = Tally::default();
     let measure_from = shared.start + config.warmup;
     tokio::time::sleep_until(shared.start).await;
@@ -381,7 +395,10 @@ async fn worker(config: &LoadConfig, shared: &Shared, mut conn: Conn) -> Tally {
             }
         }
         (Mode::Closed, Some(count)) => {
-            let hard_stop = shared.start + config.max_drain.max(config.timeout * 2);
+            let offset = config.ramp.mul_f64(index as f64 / config.connections as f64);
+            tokio::time::sleep_until(shared.start + offset).await;
+            let first = Instant::now();
+            let hard_stop = shared.start + config.ramp + config.max_drain.max(config.timeout * 2);
             for _ in 0..count {
                 if Instant::now() >= hard_stop {
                     break;
@@ -393,6 +410,10 @@ async fn worker(config: &LoadConfig, shared: &Shared, mut conn: Conn) -> Tally {
             }
             // Requests never sent because of the hard stop are unfinished.
             tally.sent = count;
+            let took = tally.last_done.map_or(Duration::ZERO, |done| done.saturating_duration_since(first));
+            if !took.is_zero() {
+                tally.client_rates = tally.ok as f64 / took.as_secs_f64();
+            }
         }
         (Mode::Closed, None) => {
             let end = measure_from + config.duration;

@@ -31,7 +31,7 @@ enum Cmd {
     /// Apply load and report latency and throughput as JSON.
     Run {
         #[command(flatten)]
-        config: LoadConfig,
+        config: Box<LoadConfig>,
         /// Runtime threads (1: a single-threaded runtime, for a generator
         /// pinned to one core).
         #[arg(long, default_value_t = 1)]
@@ -64,7 +64,7 @@ fn main() -> anyhow::Result<()> {
             } else {
                 tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
             };
-            let report = runtime.block_on(load::run(config))?;
+            let report = runtime.block_on(load::run(*config))?;
             eprintln!(
                 "{:<28} {:>9.0} req/s  ok {:>8}  err {:>5}  timeout {:>5}  unfinished {:>5}  p50 {:>8.3} ms  p99 {:>8.3} ms  max {:>8.3} ms",
                 report.label,

@@ -126,3 +126,25 @@ async fn refused_connections_are_errors() {
 fn open_loop_needs_a_rate() {
     assert!(Args::try_parse_from(["shoal-load", "--url", "http://127.0.0.1:1/", "--mode", "open"]).is_err());
 }
+
+#[tokio::test]
+async fn a_ramped_closed_loop_still_sends_every_request() {
+    let (addr, _stop) = spawn_hello().await;
+    let url = format!("http://{addr}/");
+    let report = load::run(config(&[
+        "--url",
+        &url,
+        "--mode",
+        "closed",
+        "--connections",
+        "10",
+        "--requests-per-connection",
+        "2",
+        "--ramp",
+        "100ms",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!((report.sent, report.ok, report.errors, report.unfinished), (20, 20, 0, 0), "{report:?}");
+    assert!(report.achieved_rps > 0.0);
+}
