@@ -134,7 +134,10 @@ pub fn init_with(
         tracing_opentelemetry::layer().with_tracer(tracer_provider.tracer(service_name)).with_filter(LevelFilter::INFO);
     let registry = tracing_subscriber::registry().with(otel);
     let result = match config.log_format {
-        LogFormat::Json => registry.with(logging::json_layer().with_filter(filter)).try_init(),
+        LogFormat::Json => {
+            let dispatch = logging::DispatchSlot::default();
+            registry.with(dispatch.clone()).with(logging::json_layer(dispatch).with_filter(filter)).try_init()
+        }
         LogFormat::Text => registry.with(logging::text_layer().with_filter(filter)).try_init(),
     };
     result.map_err(|_| TelemetryError::AlreadyInstalled)?;

@@ -3,20 +3,35 @@
 //! `trace_id` and `span_id`, so logs and traces join up.
 
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use opentelemetry::trace::TraceContextExt as _;
 use serde_json::{Map, Value};
+use tracing::dispatcher::WeakDispatch;
 use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
+use tracing::{Dispatch, Event, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-pub(crate) fn json_layer<S>() -> impl tracing_subscriber::Layer<S>
+pub(crate) fn json_layer<S>(dispatch: DispatchSlot) -> impl tracing_subscriber::Layer<S>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    tracing_subscriber::fmt::layer().event_format(JsonWithTrace).with_writer(std::io::stdout)
+    tracing_subscriber::fmt::layer().event_format(JsonWithTrace { dispatch }).with_writer(std::io::stdout)
+}
+
+/// The dispatcher the subscriber was registered as, captured so the JSON
+/// formatter can read OpenTelemetry span contexts while an event is being
+/// dispatched (inside a dispatch, `tracing::dispatcher::get_default` sees no
+/// dispatcher at all). Add it to the registry beside [`json_layer`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DispatchSlot(Arc<OnceLock<WeakDispatch>>);
+
+impl<S: Subscriber> tracing_subscriber::Layer<S> for DispatchSlot {
+    fn on_register_dispatch(&self, subscriber: &Dispatch) {
+        let _ = self.0.set(subscriber.downgrade());
+    }
 }
 
 pub(crate) fn text_layer<S>() -> impl tracing_subscriber::Layer<S>
@@ -28,7 +43,9 @@ where
 
 /// Formats an event as a JSON object: `timestamp`, `level`, `target`,
 /// `message`, the event's fields, the innermost `span`, `trace_id`, `span_id`.
-struct JsonWithTrace;
+struct JsonWithTrace {
+    dispatch: DispatchSlot,
+}
 
 impl<S, N> FormatEvent<S, N> for JsonWithTrace
 where
@@ -47,8 +64,8 @@ where
         if let Some(span) = ctx.lookup_current() {
             object.insert("span".into(), Value::String(span.name().to_owned()));
             let id = span.id();
-            let context =
-                tracing::dispatcher::get_default(|dispatch| tracing_opentelemetry::get_otel_context(&id, dispatch));
+            let dispatch = self.dispatch.0.get().and_then(WeakDispatch::upgrade);
+            let context = dispatch.and_then(|dispatch| tracing_opentelemetry::get_otel_context(&id, &dispatch));
             if let Some(context) = context {
                 let otel_span = context.span();
                 let span_context = otel_span.span_context();
@@ -136,7 +153,66 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 
 #[cfg(test)]
 mod tests {
-    use super::civil_from_days;
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::{DispatchSlot, JsonWithTrace, civil_from_days};
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_lines_inside_a_span_carry_its_trace_and_span_ids() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let dispatch = DispatchSlot::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+            .with(dispatch.clone())
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .event_format(JsonWithTrace { dispatch })
+                    .with_writer(move || writer.clone()),
+            );
+        let (trace_id, span_id) = tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("outside");
+            let span = tracing::info_span!("request", route = "/v1/jobs");
+            let _entered = span.enter();
+            tracing::warn!(job_id = "j1", attempt = 2u64, "inside");
+            let context = span.context();
+            let ids = context.span().span_context().clone();
+            (ids.trace_id().to_string(), ids.span_id().to_string())
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["message"], "outside");
+        assert!(lines[0].get("trace_id").is_none(), "no span, no trace id");
+        let inside = &lines[1];
+        assert_eq!(inside["message"], "inside");
+        assert_eq!(inside["level"], "WARN");
+        assert_eq!(inside["job_id"], "j1");
+        assert_eq!(inside["attempt"], 2);
+        assert_eq!(inside["span"], "request");
+        assert_eq!(inside["trace_id"], trace_id.as_str());
+        assert_eq!(inside["span_id"], span_id.as_str());
+        assert_eq!(trace_id.len(), 32);
+        assert!(inside["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
 
     #[test]
     fn civil_dates_are_right_across_leap_years() {
