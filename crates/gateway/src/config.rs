@@ -120,6 +120,18 @@ impl Config {
     }
 }
 
+impl shoal_telemetry::service::ServiceConfig for Config {
+    fn telemetry(&self) -> &TelemetryConfig {
+        &self.telemetry
+    }
+    fn admin_addr(&self) -> std::net::SocketAddr {
+        self.admin_addr
+    }
+    fn validate(&self) -> Result<(), String> {
+        Config::validate(self).map_err(|error| error.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;

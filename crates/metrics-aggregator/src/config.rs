@@ -106,6 +106,15 @@ impl Config {
     }
 }
 
+impl shoal_telemetry::service::ServiceConfig for Config {
+    fn telemetry(&self) -> &TelemetryConfig {
+        &self.telemetry
+    }
+    fn admin_addr(&self) -> std::net::SocketAddr {
+        self.admin_addr
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;

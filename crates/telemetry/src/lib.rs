@@ -13,7 +13,8 @@
 //!   raw path.
 //! - [`admin`]: the admin listener every service runs (`/metrics`,
 //!   `/healthz`, `/readyz`) and the [`admin::Readiness`] flag it reports.
-//! - [`shutdown`]: SIGTERM/SIGINT in one place.
+//! - [`shutdown`]: SIGTERM/SIGINT in one place; [`service`]: the life of a
+//!   service binary, so each `main.rs` is a few lines.
 //! - [`config`]: the telemetry settings and shared value parsers.
 
 pub mod admin;
@@ -24,6 +25,7 @@ mod logging;
 pub mod metrics;
 pub mod net;
 pub mod propagation;
+pub mod service;
 pub mod shutdown;
 
 use std::sync::OnceLock;

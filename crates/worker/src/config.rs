@@ -109,6 +109,15 @@ pub struct JobsConfig {
 /// Attempts a job may ask for at most.
 pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
 
+impl shoal_telemetry::service::ServiceConfig for Config {
+    fn telemetry(&self) -> &TelemetryConfig {
+        &self.telemetry
+    }
+    fn admin_addr(&self) -> std::net::SocketAddr {
+        self.admin_addr
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
