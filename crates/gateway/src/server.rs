@@ -24,13 +24,8 @@ const ADMIN_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum StartError {
     #[error("invalid configuration")]
     Config(#[from] ConfigError),
-    #[error("cannot bind the {listener} listener on {addr}")]
-    Bind {
-        listener: &'static str,
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] shoal_telemetry::net::BindError),
 }
 
 /// The gateway failed while running.
@@ -77,10 +72,6 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
-async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { listener, addr, source })
-}
-
 impl Gateway {
     /// Checks the config, binds the HTTP and admin listeners and starts
     /// resolving the upstreams over DNS.
@@ -101,8 +92,8 @@ impl Gateway {
     /// As [`Gateway::bind`].
     pub async fn bind_with(config: Config, upstreams: Upstreams) -> Result<Self, StartError> {
         config.validate()?;
-        let http = bind("http", config.http_addr).await?;
-        let admin = bind("admin", config.admin_addr).await?;
+        let http = shoal_telemetry::net::bind("http", config.http_addr).await?;
+        let admin = shoal_telemetry::net::bind("admin", config.admin_addr).await?;
         let interval = config.resolve_interval;
         let (worker, aggregator) = tokio::join!(
             Balanced::start("worker", upstreams.worker, interval),

@@ -11,7 +11,7 @@
 //! quantiles cannot be merged). Per source: `fleet_up{service,instance}` and
 //! `fleet_source_last_seen_timestamp_seconds{service,instance}`.
 
-use std::fmt::Write as _;
+use shoal_telemetry::metrics::text::{escape_label, format_float, header, sanitize};
 
 use crate::merge::Merged;
 use crate::series::{Kind, Labels};
@@ -98,13 +98,6 @@ fn service(name: Option<&str>) -> [(&'static str, &str); 1] {
     [("service", name.unwrap_or(""))]
 }
 
-fn header(out: &mut String, name: &str, help: &str, kind: &str) {
-    if !help.is_empty() {
-        let _ = writeln!(out, "# HELP {name} {}", help.replace('\\', "\\\\").replace('\n', "\\n"));
-    }
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
 fn sample(out: &mut String, name: &str, fixed: &[(&str, &str)], labels: &Labels, le: Option<&str>, value: f64) {
     out.push_str(name);
     out.push('{');
@@ -116,7 +109,7 @@ fn sample(out: &mut String, name: &str, fixed: &[(&str, &str)], labels: &Labels,
         first = false;
         out.push_str(key);
         out.push_str("=\"");
-        escape(out, value);
+        escape_label(out, value);
         out.push('"');
     };
     for (k, v) in fixed {
@@ -133,38 +126,6 @@ fn sample(out: &mut String, name: &str, fixed: &[(&str, &str)], labels: &Labels,
     out.push_str("} ");
     out.push_str(&format_float(value));
     out.push('\n');
-}
-
-fn escape(out: &mut String, value: &str) {
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-}
-
-fn format_float(value: f64) -> String {
-    if value.is_infinite() {
-        if value > 0.0 { "+Inf".into() } else { "-Inf".into() }
-    } else if value.is_nan() {
-        "NaN".into()
-    } else if value == 0.0 {
-        "0".into()
-    } else {
-        format!("{value}")
-    }
-}
-
-fn sanitize(name: &str) -> String {
-    let mut out: String =
-        name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == ':' { c } else { '_' }).collect();
-    if out.starts_with(|c: char| c.is_ascii_digit()) {
-        out.insert(0, '_');
-    }
-    out
 }
 
 #[cfg(test)]

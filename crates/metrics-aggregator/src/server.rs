@@ -28,13 +28,8 @@ const REDIS_LOADED: &str = "redis_loaded";
 /// The aggregator could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot bind the {listener} listener on {addr}")]
-    Bind {
-        listener: &'static str,
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] shoal_telemetry::net::BindError),
     #[error("cannot use the redis url")]
     Redis(#[source] CheckpointError),
     #[error("--replica-id must not contain control characters")]
@@ -62,10 +57,6 @@ pub struct Aggregator {
     replica_id: String,
 }
 
-async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { listener, addr, source })
-}
-
 impl Aggregator {
     /// Binds the gRPC and admin listeners and prepares the Redis pool (no
     /// connection opens until the first checkpoint).
@@ -75,8 +66,8 @@ impl Aggregator {
     /// [`StartError::Bind`] when an address is taken or not allowed;
     /// [`StartError::Redis`] for an unusable Redis URL.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
-        let grpc = bind("grpc", config.grpc_addr).await?;
-        let admin = bind("admin", config.admin_addr).await?;
+        let grpc = shoal_telemetry::net::bind("grpc", config.grpc_addr).await?;
+        let admin = shoal_telemetry::net::bind("admin", config.admin_addr).await?;
         let port = grpc.local_addr().map(|a| a.port()).unwrap_or(config.grpc_addr.port());
         let replica_id =
             config.replica_id.clone().unwrap_or_else(|| format!("{}:{port}", shoal_telemetry::instance_id()));

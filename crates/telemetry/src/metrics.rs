@@ -6,7 +6,6 @@
 //! Services create their own instruments with [`meter`]; the request metrics
 //! of HTTP and gRPC live here so every service names them the same way.
 
-use std::fmt::Write as _;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{
     InstrumentKind, ManualReader, PeriodicReader, Pipeline, SdkMeterProvider, Temporality,
 };
+use text::{escape_label, format_float, header, sanitize};
 
 pub use opentelemetry::KeyValue;
 pub use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter, UpDownCounter};
@@ -176,13 +176,6 @@ where
     }
 }
 
-fn header(out: &mut String, name: &str, help: &str, kind: &str) {
-    if !help.is_empty() {
-        let _ = writeln!(out, "# HELP {name} {}", help.replace('\\', "\\\\").replace('\n', "\\n"));
-    }
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
 fn sample<'a>(
     out: &mut String,
     name: &str,
@@ -217,39 +210,55 @@ fn sample<'a>(
     out.push('\n');
 }
 
-fn escape_label(out: &mut String, value: &str) {
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
+/// Prometheus text-format helpers (exposition format 0.0.4), shared with the
+/// metrics-aggregator's fleet exposition.
+pub mod text {
+    use std::fmt::Write as _;
+
+    /// Writes the `# HELP` (when `help` is not empty) and `# TYPE` lines.
+    pub fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+        if !help.is_empty() {
+            let _ = writeln!(out, "# HELP {name} {}", help.replace('\\', "\\\\").replace('\n', "\\n"));
+        }
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+    }
+
+    /// Appends a label value, escaped (`\\`, `\"`, `\n`).
+    pub fn escape_label(out: &mut String, value: &str) {
+        for c in value.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
         }
     }
-}
 
-fn format_float(value: f64) -> String {
-    if value.is_infinite() {
-        if value > 0.0 { "+Inf".into() } else { "-Inf".into() }
-    } else if value.is_nan() {
-        "NaN".into()
-    } else {
-        let mut s = format!("{value}");
-        if s == "-0" {
-            s = "0".into();
+    /// A sample value as Prometheus writes it (`+Inf`, `NaN`, no `-0`).
+    pub fn format_float(value: f64) -> String {
+        if value.is_infinite() {
+            if value > 0.0 { "+Inf".into() } else { "-Inf".into() }
+        } else if value.is_nan() {
+            "NaN".into()
+        } else {
+            let mut s = format!("{value}");
+            if s == "-0" {
+                s = "0".into();
+            }
+            s
         }
-        s
     }
-}
 
-/// Maps an OpenTelemetry name (dots allowed) to a Prometheus one.
-fn sanitize(name: &str) -> String {
-    let mut out: String =
-        name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == ':' { c } else { '_' }).collect();
-    if out.starts_with(|c: char| c.is_ascii_digit()) {
-        out.insert(0, '_');
+    /// Maps an OpenTelemetry name (dots allowed) to a Prometheus one.
+    pub fn sanitize(name: &str) -> String {
+        let mut out: String =
+            name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == ':' { c } else { '_' }).collect();
+        if out.starts_with(|c: char| c.is_ascii_digit()) {
+            out.insert(0, '_');
+        }
+        out
     }
-    out
 }
 
 /// The RED instruments of one protocol side: a request counter and a

@@ -30,3 +30,23 @@ pub fn http_listener(listener: TcpListener) -> impl axum::serve::Listener<Io = T
     use axum::serve::ListenerExt as _;
     listener.tap_io(|stream: &mut TcpStream| nodelay(stream))
 }
+
+/// A listener could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot bind the {listener} listener on {addr}")]
+pub struct BindError {
+    /// Which listener (`grpc`, `http`, `admin`).
+    pub listener: &'static str,
+    pub addr: std::net::SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Binds the `listener` listener on `addr` (port 0 picks a free port).
+///
+/// # Errors
+///
+/// [`BindError`] when the address is taken or not allowed.
+pub async fn bind(listener: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|source| BindError { listener, addr, source })
+}

@@ -30,13 +30,8 @@ const LINGER: Duration = Duration::from_millis(500);
 /// A listener could not be bound.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot bind the {listener} listener on {addr}")]
-    Bind {
-        listener: &'static str,
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] shoal_telemetry::net::BindError),
     #[error("invalid redis url")]
     RedisUrl(#[source] deadpool_redis::CreatePoolError),
 }
@@ -61,10 +56,6 @@ pub struct Worker {
     jobs: Option<JobStore>,
 }
 
-async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { listener, addr, source })
-}
-
 impl Worker {
     /// Binds the gRPC and admin listeners, with the built-in task kinds.
     ///
@@ -81,8 +72,8 @@ impl Worker {
     ///
     /// As [`Worker::bind`].
     pub async fn bind_with(config: Config, registry: TaskRegistry) -> Result<Self, StartError> {
-        let grpc = bind("grpc", config.grpc_addr).await?;
-        let admin = bind("admin", config.admin_addr).await?;
+        let grpc = shoal_telemetry::net::bind("grpc", config.grpc_addr).await?;
+        let admin = shoal_telemetry::net::bind("admin", config.admin_addr).await?;
         let jobs = config.jobs.redis_url.as_deref().map(|url| job_store(url, &config.jobs)).transpose()?;
         let runner = Arc::new(Runner::new(registry, config.max_concurrency as usize));
         Ok(Self { config, grpc, admin, readiness: Readiness::new(), runner, jobs })
