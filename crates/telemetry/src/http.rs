@@ -24,6 +24,26 @@ use tracing::instrument::Instrumented;
 /// The label value for requests that matched no route.
 pub const UNMATCHED: &str = "unmatched";
 
+/// The `method` label: the standard methods as static strings (no
+/// allocation on the hot path); any other method is `other`, so a client
+/// cannot mint label values.
+fn method_label(method: &http::Method) -> opentelemetry::StringValue {
+    use http::Method;
+    let name: &'static str = match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    };
+    name.into()
+}
+
 /// Adds [`HttpTelemetry`] to a service.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HttpTelemetryLayer;
@@ -55,13 +75,13 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let endpoint = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
-        let method = request.method().as_str().to_owned();
+        let method = method_label(request.method());
         let route = endpoint.as_deref().unwrap_or(UNMATCHED);
         let span = tracing::info_span!(
             "http.request",
-            otel.name = format!("{method} {route}"),
+            otel.name = format!("{} {route}", method.as_str()),
             otel.kind = "server",
-            http.request.method = %method,
+            http.request.method = method.as_str(),
             http.route = %route,
             http.response.status_code = tracing::field::Empty,
         );
@@ -85,7 +105,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Instrumented<F>,
         started: Instant,
-        method: String,
+        method: opentelemetry::StringValue,
         endpoint: String,
     }
 }
@@ -105,7 +125,7 @@ where
         };
         this.inner.span().record("http.response.status_code", status);
         let attributes = [
-            KeyValue::new("method", std::mem::take(this.method)),
+            KeyValue::new("method", this.method.clone()),
             KeyValue::new("endpoint", std::mem::take(this.endpoint)),
             KeyValue::new("status", i64::from(status)),
         ];

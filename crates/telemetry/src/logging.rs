@@ -18,7 +18,22 @@ pub(crate) fn json_layer<S>(dispatch: DispatchSlot) -> impl tracing_subscriber::
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    tracing_subscriber::fmt::layer().event_format(JsonWithTrace { dispatch }).with_writer(std::io::stdout)
+    tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .fmt_fields(NoSpanFields)
+        .event_format(JsonWithTrace { dispatch })
+        .with_writer(std::io::stdout)
+}
+
+/// The JSON lines name the innermost span but carry none of its fields, so the
+/// fields of every span need not be formatted (on the request hot path) only
+/// to be thrown away.
+struct NoSpanFields;
+
+impl<'writer> FormatFields<'writer> for NoSpanFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(&self, _: Writer<'writer>, _: R) -> fmt::Result {
+        Ok(())
+    }
 }
 
 /// The dispatcher the subscriber was registered as, captured so the JSON
