@@ -50,7 +50,7 @@ async def main(jobs: int, concurrency: int) -> None:
         return latencies[min(int(len(latencies) * q), len(latencies) - 1)] * 1000
 
     print(json.dumps({
-        "system": "arq",
+        "system": os.environ.get("BENCH_ARQ_LABEL", "arq"),
         "jobs": jobs - errors,
         "errors": errors,
         "concurrency": concurrency,
