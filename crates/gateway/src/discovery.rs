@@ -339,6 +339,56 @@ impl From<AuthorityUri> for http::Uri {
     }
 }
 
+/// Extra attempts for a call that could not connect to the chosen address.
+const CONNECT_RETRIES: usize = 2;
+
+/// Runs `call`, and runs it again (at most [`CONNECT_RETRIES`] times) when it
+/// failed because no connection to the chosen address could be made — a pod
+/// that was just killed stays in DNS until the next re-resolution. The
+/// request never left the gateway then, so repeating it is safe even for a
+/// call that is not idempotent (a job submission). Any other failure is
+/// returned as it is.
+///
+/// # Errors
+///
+/// The last attempt's status.
+pub async fn retry_unconnected<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let mut attempt = 0;
+    loop {
+        match call().await {
+            Err(status) if attempt < CONNECT_RETRIES && never_connected(&status) => {
+                attempt += 1;
+                tracing::debug!(attempt, error = %status, "worker address refused the connection, retrying elsewhere");
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Whether `status` says the call failed to connect (so it was never sent).
+fn never_connected(status: &tonic::Status) -> bool {
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && matches!(io.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable)
+        {
+            return true;
+        }
+        if error.to_string().contains("tcp connect error") {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -141,23 +141,24 @@ fn worker_ready(state: &AppState) -> Result<(), ApiError> {
 }
 
 /// Calls the worker with the request's deadline (`Request-Timeout` or the
-/// default), bounding this handler by it too.
-async fn call<T>(
-    state: &AppState,
-    headers: &HeaderMap,
-    call: impl AsyncFnOnce(
-        shoal_proto::worker::v1::worker_service_client::WorkerServiceClient<crate::discovery::GrpcChannel>,
-        std::time::Duration,
-    ) -> Result<tonic::Response<T>, tonic::Status>,
-) -> Result<T, ApiError> {
+/// default), bounding this handler by it too; a call that could not connect
+/// is retried on another worker.
+async fn call<T, F, Fut>(state: &AppState, headers: &HeaderMap, call: F) -> Result<T, ApiError>
+where
+    F: Fn(WorkerClient, std::time::Duration) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
     worker_ready(state)?;
     let deadline = deadline(headers.get(REQUEST_TIMEOUT), state.default_timeout, state.max_timeout)?;
-    match tokio::time::timeout(deadline, call(state.worker.clone(), deadline)).await {
+    let attempts = crate::discovery::retry_unconnected(|| call(state.worker.clone(), deadline));
+    match tokio::time::timeout(deadline, attempts).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
         Ok(Err(status)) => Err(ApiError::from_jobs(status, deadline)),
         Err(_) => Err(ApiError::Timeout(deadline)),
     }
 }
+
+type WorkerClient = shoal_proto::worker::v1::worker_service_client::WorkerServiceClient<crate::discovery::GrpcChannel>;
 
 fn with_timeout<T>(message: T, deadline: std::time::Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
@@ -196,9 +197,11 @@ pub async fn submit(
     if request.timeout_ms == 0 && body.timeout_ms.is_some() {
         return Err(ApiError::BadRequest("timeout_ms must be at least 1 (omit it for the default)".into()));
     }
-    let response =
-        call(&state, &headers, async |mut worker, deadline| worker.submit_job(with_timeout(request, deadline)).await)
-            .await?;
+    let response = call(&state, &headers, |mut worker, deadline| {
+        let request = with_timeout(request.clone(), deadline);
+        async move { worker.submit_job(request).await }
+    })
+    .await?;
     let job = response.job.ok_or_else(|| ApiError::BadGateway("worker answered SubmitJob without a job".into()))?;
     Ok(accepted(job, !response.created))
 }
@@ -214,8 +217,9 @@ pub async fn get(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = id?.0;
-    let job = call(&state, &headers, async |mut worker, deadline| {
-        worker.get_job(with_timeout(GetJobRequest { id }, deadline)).await
+    let job = call(&state, &headers, |mut worker, deadline| {
+        let request = with_timeout(GetJobRequest { id: id.clone() }, deadline);
+        async move { worker.get_job(request).await }
     })
     .await?;
     Ok(Json(JobView::from_proto(job)).into_response())
@@ -233,8 +237,9 @@ pub async fn cancel(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = id?.0;
-    let job = call(&state, &headers, async |mut worker, deadline| {
-        worker.cancel_job(with_timeout(CancelJobRequest { id }, deadline)).await
+    let job = call(&state, &headers, |mut worker, deadline| {
+        let request = with_timeout(CancelJobRequest { id: id.clone() }, deadline);
+        async move { worker.cancel_job(request).await }
     })
     .await?;
     Ok((StatusCode::ACCEPTED, Json(JobView::from_proto(job))).into_response())

@@ -112,11 +112,15 @@ pub async fn execute(
     if state.worker_endpoints.load(Ordering::Relaxed) == 0 {
         return Err(ApiError::UpstreamUnavailable { upstream: "worker", cause: "no worker address resolved".into() });
     }
-    let mut request = tonic::Request::new(ExecuteRequest { kind: kind.clone(), payload_json: payload.to_string() });
-    request.set_timeout(deadline);
-    let mut worker = state.worker.clone();
+    let message = ExecuteRequest { kind: kind.clone(), payload_json: payload.to_string() };
     let started = Instant::now();
-    let response = match tokio::time::timeout(deadline, worker.execute(request)).await {
+    let call = crate::discovery::retry_unconnected(|| {
+        let mut request = tonic::Request::new(message.clone());
+        request.set_timeout(deadline);
+        let mut worker = state.worker.clone();
+        async move { worker.execute(request).await }
+    });
+    let response = match tokio::time::timeout(deadline, call).await {
         Ok(Ok(response)) => response.into_inner(),
         Ok(Err(status)) => return Err(ApiError::from_worker(status, deadline)),
         // Dropping the call resets its HTTP/2 stream: the worker cancels too.

@@ -100,3 +100,20 @@ async fn a_worker_added_while_traffic_flows_gets_calls() {
     .await;
     assert!(gone.is_some(), "a removed worker kept getting calls");
 }
+
+#[tokio::test]
+async fn a_dead_address_among_live_workers_costs_no_failed_request() {
+    // A killed pod's address stays in DNS for a few seconds: calls that
+    // cannot even connect there are retried on another worker.
+    let live = spawn_worker(&[]).await;
+    let dead = crate::helpers::dead_addr().await;
+    let gateway = spawn_gateway(&[live.addr, dead], &[], &[]).await;
+    let mut failures = Vec::new();
+    for i in 0..60 {
+        let response = gateway.task("echo", serde_json::json!({ "i": i })).await;
+        if response.status() != 200 {
+            failures.push(response.status().as_u16());
+        }
+    }
+    assert!(failures.is_empty(), "requests failed with {failures:?}");
+}
