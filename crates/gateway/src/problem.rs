@@ -23,7 +23,7 @@
 //! | `NOT_FOUND` | 404 | |
 //! | `ABORTED` | 422 | the request was well-formed but the task failed (its message is passed on) |
 //! | `RESOURCE_EXHAUSTED` | 503 + `Retry-After` | the workers are at capacity: a server-side condition, not this client's rate (so not 429) |
-//! | `DEADLINE_EXCEEDED` | 504 | as when the gateway's own timer fires first |
+//! | `DEADLINE_EXCEEDED`, `CANCELLED` | 504 | the deadline passed (`CANCELLED` is the gRPC client's own timer firing first) |
 //! | `UNAVAILABLE` | 503 + `Retry-After` | no worker reachable, or shutting down |
 //! | anything else | 502 | opaque; the code and message are logged |
 
@@ -272,7 +272,9 @@ impl ApiError {
             Code::NotFound => Self::UpstreamNotFound(message),
             Code::Aborted => Self::TaskFailed(message),
             Code::ResourceExhausted => Self::UpstreamBusy,
-            Code::DeadlineExceeded => Self::Timeout(deadline),
+            // `CANCELLED` reaches the gateway only when its own client-side
+            // deadline timer fired first (it cancels nothing else): a timeout.
+            Code::DeadlineExceeded | Code::Cancelled => Self::Timeout(deadline),
             Code::Unavailable => Self::UpstreamUnavailable { upstream: "worker", cause: message },
             code => Self::BadGateway(format!("worker answered {code:?}: {message}")),
         }
@@ -361,6 +363,7 @@ mod tests {
             (tonic::Status::aborted("boom"), 422, false),
             (tonic::Status::resource_exhausted("full"), 503, true),
             (tonic::Status::deadline_exceeded("late"), 504, false),
+            (tonic::Status::cancelled("Timeout expired"), 504, false),
             (tonic::Status::unavailable("draining"), 503, true),
             (tonic::Status::internal("oops"), 502, false),
             (tonic::Status::unknown("?"), 502, false),

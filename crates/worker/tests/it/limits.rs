@@ -41,7 +41,7 @@ async fn a_passed_deadline_cancels_a_sleep() {
         .execute(execute("sleep", r#"{"ms": 5000}"#, Some(Duration::from_millis(200))))
         .await
         .expect_err("deadline");
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_deadline(&status);
     assert!(started.elapsed() < Duration::from_secs(2), "answered at the deadline, not after the sleep");
     assert!(eventually(Duration::from_secs(1), || worker.stats.in_flight() == 0).await);
     assert_eq!(worker.stats.cancelled(), 1);
@@ -55,7 +55,7 @@ async fn a_passed_deadline_stops_blocking_hash_work() {
         .execute(execute("hash", r#"{"data": "x", "rounds": 10000000}"#, Some(Duration::from_millis(200))))
         .await
         .expect_err("deadline");
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_deadline(&status);
     // The blocking thread notices within one check interval.
     assert!(
         eventually(Duration::from_secs(1), || worker.stats.in_flight() == 0).await,
@@ -87,4 +87,13 @@ async fn after_the_grace_in_flight_tasks_are_cancelled() {
     let status = call.await.unwrap().expect_err("interrupted");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!((stats.in_flight(), stats.cancelled()), (0, 1));
+}
+
+/// The worker answers `DEADLINE_EXCEEDED` just before the caller's deadline;
+/// on a loaded machine the client's own deadline timer can still fire first
+/// (`CANCELLED`, "Timeout expired"). Either way the deadline was honoured;
+/// the worker-side cancellation is asserted separately.
+fn assert_deadline(status: &tonic::Status) {
+    let client_timer = status.code() == Code::Cancelled && status.message().contains("Timeout expired");
+    assert!(status.code() == Code::DeadlineExceeded || client_timer, "{status:?}");
 }
