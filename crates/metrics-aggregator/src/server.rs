@@ -36,14 +36,8 @@ pub enum StartError {
     ReplicaId,
 }
 
-/// The server failed while running.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("grpc server failed")]
-    Grpc(#[source] tonic::transport::Error),
-    #[error("admin server failed")]
-    Admin(#[source] std::io::Error),
-}
+/// The service failed while running (shared by every gRPC service).
+pub use shoal_telemetry::grpc::RunError;
 
 /// A bound, not yet serving, aggregator.
 #[derive(Debug)]
@@ -174,7 +168,7 @@ impl Aggregator {
                 stop.cancel();
                 drain(&readiness, &health, stop_grpc, &mut server, config.shutdown_grace).await
             }
-            finished = &mut server => flatten(finished),
+            finished = &mut server => shoal_telemetry::grpc::server_outcome(finished),
         };
         stop.cancel();
         let _ = sampler.await;
@@ -296,20 +290,12 @@ async fn drain(
     }
     let _ = stop_grpc.send(());
     match tokio::time::timeout(grace, &mut *server).await {
-        Ok(finished) => flatten(finished),
+        Ok(finished) => shoal_telemetry::grpc::server_outcome(finished),
         Err(_) => {
             tracing::warn!("grace period over, abandoning in-flight calls");
             server.abort();
             Ok(())
         }
-    }
-}
-
-fn flatten(finished: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>) -> Result<(), RunError> {
-    match finished {
-        Ok(result) => result.map_err(RunError::Grpc),
-        // The server task never panics on its own; a cancelled task is an abort.
-        Err(_) => Ok(()),
     }
 }
 

@@ -213,6 +213,30 @@ where
     }
 }
 
+/// A gRPC service (with its admin listener) failed while running.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("grpc server failed")]
+    Grpc(#[source] tonic::transport::Error),
+    #[error("admin server failed")]
+    Admin(#[source] std::io::Error),
+}
+
+/// The outcome of a spawned tonic server task. A cancelled task is the
+/// drain's deliberate abort, not a failure; the task never panics on its own.
+///
+/// # Errors
+///
+/// [`RunError::Grpc`] when the server itself failed.
+pub fn server_outcome(
+    finished: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) -> Result<(), RunError> {
+    match finished {
+        Ok(result) => result.map_err(RunError::Grpc),
+        Err(_) => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

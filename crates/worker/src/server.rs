@@ -36,14 +36,8 @@ pub enum StartError {
     RedisUrl(#[source] deadpool_redis::CreatePoolError),
 }
 
-/// The worker failed while running.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("grpc server failed")]
-    Grpc(#[source] tonic::transport::Error),
-    #[error("admin server failed")]
-    Admin(#[source] std::io::Error),
-}
+/// The service failed while running (shared by every gRPC service).
+pub use shoal_telemetry::grpc::RunError;
 
 /// A bound, not yet serving, worker.
 #[derive(Debug)]
@@ -185,7 +179,7 @@ impl Worker {
                 stop_jobs.cancel();
                 drain(&runner, &mut server, config.shutdown_grace).await
             }
-            finished = &mut server => flatten(finished),
+            finished = &mut server => shoal_telemetry::grpc::server_outcome(finished),
         };
         stop_jobs.cancel();
         if let Some((monitor, executor)) = job_tasks {
@@ -260,7 +254,7 @@ async fn drain(
     let stats = runner.stats().clone();
     let settled = tokio::time::timeout(grace, async {
         tokio::select! {
-            finished = &mut *server => Some(flatten(finished)),
+            finished = &mut *server => Some(shoal_telemetry::grpc::server_outcome(finished)),
             () = stats.idle() => None,
         }
     })
@@ -275,20 +269,12 @@ async fn drain(
         }
     };
     match tokio::time::timeout(LINGER, &mut *server).await {
-        Ok(finished) => flatten(finished),
+        Ok(finished) => shoal_telemetry::grpc::server_outcome(finished),
         Err(_) => {
             tracing::warn!("connections still open after the drain, closing them");
             runner.cancel_all();
             server.abort();
             result
         }
-    }
-}
-
-fn flatten(finished: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>) -> Result<(), RunError> {
-    match finished {
-        Ok(result) => result.map_err(RunError::Grpc),
-        // The server task never panics on its own; a cancelled task is an abort.
-        Err(_) => Ok(()),
     }
 }
