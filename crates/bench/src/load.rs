@@ -24,11 +24,21 @@
 //!
 //! Every run is bounded: no request is sent after `warmup + duration +
 //! max_drain`, and each request is abandoned after `timeout`.
+//!
+//! # Stopping early
+//!
+//! [`run_until`] ends the schedule when a future resolves (`shoal-load run`
+//! passes SIGINT/SIGTERM): no request intended after that instant is sent,
+//! requests in flight complete, a backlog still queued `max_drain` after the
+//! stop is never sent (unfinished), and the report's window and `sent` are
+//! the part of the schedule before the stop. A driver that does not know in
+//! advance how long its disturbance lasts (a rollout) uses a generous
+//! `--duration` and signals the generator when it is done.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -206,6 +216,15 @@ pub enum LoadError {
 
 /// Runs `config` to completion and returns its report.
 pub async fn run(config: LoadConfig) -> Result<Report, LoadError> {
+    run_until(config, std::future::pending()).await
+}
+
+/// Runs `config` until its schedule ends or `stop` resolves, whichever is
+/// first (see "Stopping early" in the module docs).
+pub async fn run_until(
+    config: LoadConfig,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<Report, LoadError> {
     let target = Target::new(&config).await?;
     if config.mode == Mode::Open && !config.rate.is_some_and(|r| r > 0.0 && r.is_finite()) {
         return Err(LoadError::Rate);
@@ -232,7 +251,14 @@ pub async fn run(config: LoadConfig) -> Result<Report, LoadError> {
     }
 
     let start = Instant::now() + Duration::from_millis(20);
-    let shared = Arc::new(Shared { next: AtomicU64::new(0), start });
+    let shared = Arc::new(Shared { next: AtomicU64::new(0), start, stopped_at: OnceLock::new() });
+    let stopper = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            stop.await;
+            let _ = shared.stopped_at.set(Instant::now());
+        })
+    };
     let mut workers = Vec::with_capacity(conns.len());
     for (index, conn) in conns.into_iter().enumerate() {
         let (config, shared) = (config.clone(), shared.clone());
@@ -242,12 +268,28 @@ pub async fn run(config: LoadConfig) -> Result<Report, LoadError> {
     for handle in workers {
         total.merge(handle.await.expect("load worker panicked"));
     }
-    Ok(total.report(&config, start))
+    stopper.abort();
+    Ok(total.report(&config, start, shared.stopped_at.get().copied()))
 }
 
 struct Shared {
     next: AtomicU64,
     start: Instant,
+    /// Set once when the run is stopped early.
+    stopped_at: OnceLock<Instant>,
+}
+
+impl Shared {
+    /// Whether a request intended at `at` comes after an early stop.
+    fn stopped_before(&self, at: Instant) -> bool {
+        self.stopped_at.get().is_some_and(|stop| at >= *stop)
+    }
+
+    /// Whether `max_drain` has passed since an early stop: the backlog
+    /// still queued then is never sent (it counts as unfinished).
+    fn drain_over(&self, max_drain: Duration) -> bool {
+        self.stopped_at.get().is_some_and(|stop| Instant::now() >= *stop + max_drain)
+    }
 }
 
 #[derive(Default)]
@@ -305,21 +347,33 @@ impl Tally {
         }
     }
 
-    fn report(mut self, config: &LoadConfig, start: Instant) -> Report {
+    fn report(mut self, config: &LoadConfig, start: Instant, stopped_at: Option<Instant>) -> Report {
+        let measure_from = start + config.warmup;
+        // The part of the measured window before an early stop.
+        let duration = stopped_at
+            .map_or(config.duration, |stop| stop.saturating_duration_since(measure_from).min(config.duration));
         let (sent, window) = match (config.mode, config.requests_per_connection) {
             (Mode::Open, _) => {
                 // When the server fell behind, completions trail the
                 // schedule: the rate is over the time they really took.
                 let rate = config.rate.unwrap_or(1.0);
-                let measure_from = start + config.warmup;
                 let took = self.last_done.map_or(Duration::ZERO, |d| d.saturating_duration_since(measure_from));
-                (scheduled(rate, config.duration), took.max(config.duration))
+                let sent = match stopped_at {
+                    Some(stop) => scheduled_before_stop(
+                        rate,
+                        config.warmup,
+                        config.duration,
+                        stop.saturating_duration_since(start),
+                    ),
+                    None => scheduled(rate, config.duration),
+                };
+                (sent, took.max(duration))
             }
             (Mode::Closed, Some(_)) => {
                 let end = self.last_done.unwrap_or(start);
                 (self.sent, end.saturating_duration_since(start))
             }
-            (Mode::Closed, None) => (self.sent, config.duration),
+            (Mode::Closed, None) => (self.sent, duration),
         };
         let errors: u64 = self.errors.values().sum();
         let window_s = window.as_secs_f64();
@@ -354,6 +408,15 @@ fn scheduled(rate: f64, window: Duration) -> u64 {
     (rate * window.as_secs_f64()).round() as u64
 }
 
+/// Open loop stopped early: the slots of the schedule intended from the end
+/// of the warm-up up to `stop` (both measured from the start), as the
+/// workers count them (slot `i` is intended at `i / rate`).
+fn scheduled_before_stop(rate: f64, warmup: Duration, duration: Duration, stop: Duration) -> u64 {
+    let total = scheduled(rate, warmup) + scheduled(rate, duration);
+    let slots_before = |at: Duration| ((rate * at.as_secs_f64()).ceil() as u64).min(total);
+    slots_before(stop).saturating_sub(slots_before(warmup))
+}
+
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -373,12 +436,18 @@ async fn worker(config: &LoadConfig, shared: &Shared, index: u64, mut conn: Conn
                     break;
                 }
                 let intended = shared.start + Duration::from_secs_f64(i as f64 / rate);
+                if shared.stopped_before(intended) {
+                    break;
+                }
                 let queued = Instant::now() > intended;
-                if queued && Instant::now() >= hard_stop {
+                if queued && (Instant::now() >= hard_stop || shared.drain_over(config.max_drain)) {
                     break;
                 }
                 if !queued {
                     tokio::time::sleep_until(intended).await;
+                    if shared.stopped_before(intended) {
+                        break;
+                    }
                 }
                 let sent = Instant::now();
                 let outcome = conn.call(config.timeout).await;
@@ -419,7 +488,7 @@ async fn worker(config: &LoadConfig, shared: &Shared, index: u64, mut conn: Conn
             let end = measure_from + config.duration;
             loop {
                 let sent = Instant::now();
-                if sent >= end {
+                if sent >= end || shared.stopped_before(sent) {
                     break;
                 }
                 let outcome = conn.call(config.timeout).await;

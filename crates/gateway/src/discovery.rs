@@ -6,12 +6,20 @@
 //! Service returns one A record per ready pod), re-resolved every
 //! `--resolve-interval`, and the set of addresses feeds a tonic balanced
 //! channel (tower's power-of-two-choices over one connection per address).
-//! Addresses that appear are inserted, addresses that disappear are removed,
-//! so replicas are picked up within one interval.
+//! Each address enters the balancer only while its `grpc.health.v1` watch
+//! reports `SERVING` (see [`Balanced`]): replicas are picked up within one
+//! interval and leave at once when they drain or their connection closes.
 //!
 //! Where addresses come from is pluggable ([`Resolve`]): [`DnsResolver`] in
 //! production, [`StaticResolver`] in tests (which can add a replica while
 //! traffic flows).
+//!
+//! With [`UpstreamTls`] every connection is TLS (mutual when the gateway
+//! has a certificate), and every address is verified against one server
+//! name — the upstream's Service name — since the gateway dials the IPs it
+//! resolved. When the certificate files change, each address gets a new
+//! endpoint in the balancer and a new health connection (connections open
+//! until then keep working: TLS checks a certificate at the handshake).
 //!
 //! Bounds and failure decisions: a resolution takes at most
 //! [`RESOLVE_TIMEOUT`] (or the interval, if shorter); a failed or timed-out
@@ -19,7 +27,7 @@
 //! pool); a successful empty answer empties it, and calls then fail fast with
 //! `503` instead of waiting for an address.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,6 +40,9 @@ use tokio::sync::mpsc::Sender;
 use tokio::task::JoinHandle;
 use tonic::transport::channel::Change;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 use tower::Layer as _;
 
 /// Longest a single resolution may take.
@@ -43,6 +54,54 @@ const CHANGE_QUEUE: usize = 64;
 
 /// A balanced, traced gRPC channel: what generated clients are built on.
 pub type GrpcChannel = Traced<Channel, Client>;
+
+/// TLS towards one upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// The CA, and the gateway's certificate, kept current with the files.
+    pub tls: shoal_tls::ClientTls,
+    /// The name every address's certificate must be valid for.
+    pub server_name: String,
+}
+
+/// How the connections to one upstream's addresses are made.
+#[derive(Debug, Clone, Default)]
+struct Connect {
+    tls: Option<UpstreamTls>,
+}
+
+impl Connect {
+    /// A lazily connected endpoint for `address`, with the TLS files as they
+    /// are now. `None` when TLS cannot be configured (logged; the address is
+    /// never called in plaintext instead).
+    fn endpoint(&self, upstream: &'static str, address: SocketAddr) -> Option<Endpoint> {
+        let Some(UpstreamTls { tls, server_name }) = &self.tls else {
+            return Some(endpoint(address, http::uri::Scheme::HTTP));
+        };
+        match tls.endpoint(endpoint(address, http::uri::Scheme::HTTPS), server_name) {
+            Ok(endpoint) => Some(endpoint),
+            Err(error) => {
+                tracing::warn!(upstream, %address, error = &error as &dyn std::error::Error, "cannot configure tls");
+                None
+            }
+        }
+    }
+
+    /// Changes when new TLS files are in use.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.tls.as_ref().map(|tls| tls.tls.changes())
+    }
+}
+
+/// Resolves when `changes` says new TLS files are in use; never without TLS.
+async fn tls_changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    if let Some(receiver) = changes
+        && receiver.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
+}
 
 /// An upstream target as configured: `http://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,30 +259,82 @@ pub fn diff(current: &BTreeSet<SocketAddr>, next: &BTreeSet<SocketAddr>) -> Diff
     Diff { added: next.difference(current).copied().collect(), removed: current.difference(next).copied().collect() }
 }
 
-/// A balanced channel kept in sync with a resolver by a background task,
-/// which stops when this value is dropped.
+/// A balanced channel kept in sync with a resolver and with the health of
+/// every address, by background tasks that stop when this value is dropped.
+///
+/// Every resolved address gets its own connection carrying one
+/// `grpc.health.v1.Health/Watch` stream for the upstream's service name. An
+/// address enters the balancer when its watch reports `SERVING` and leaves
+/// it the moment the watch reports anything else, fails, or ends (the
+/// connection closed): a draining replica is out of rotation within a round
+/// trip of its SIGTERM, not at the next re-resolution. A watch that broke is
+/// re-opened with a bounded backoff for as long as the address resolves.
 #[derive(Debug)]
 pub struct Balanced {
     channel: GrpcChannel,
-    endpoints: Arc<AtomicUsize>,
+    endpoints: Endpoints,
     refresher: JoinHandle<()>,
 }
 
+/// The live counts of one upstream's addresses (shared, cheap to clone).
+#[derive(Debug, Clone, Default)]
+pub struct Endpoints(Arc<Counts>);
+
+#[derive(Debug, Default)]
+struct Counts {
+    resolved: AtomicUsize,
+    serving: AtomicUsize,
+}
+
+impl Endpoints {
+    /// Addresses the last resolution returned.
+    pub fn resolved(&self) -> usize {
+        self.0.resolved.load(Ordering::Relaxed)
+    }
+
+    /// Addresses in the balancer: resolved and reporting `SERVING`.
+    pub fn serving(&self) -> usize {
+        self.0.serving.load(Ordering::Relaxed)
+    }
+}
+
+/// Longest [`Balanced::start`] waits for the first health answers, so a
+/// gateway that just started does not refuse calls its upstreams can serve.
+const FIRST_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bounds of the wait before re-opening a broken health watch.
+const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
 impl Balanced {
-    /// Resolves once (bounded by the resolve timeout) so the channel starts
-    /// with addresses, then re-resolves every `interval` in the background.
-    pub async fn start(upstream: &'static str, resolver: Arc<dyn Resolve>, interval: Duration) -> Self {
+    /// Resolves once (bounded by the resolve timeout) and waits (at most
+    /// [`FIRST_HEALTH_TIMEOUT`]) for each address's first health answer, so
+    /// the channel starts with the serving addresses; then re-resolves every
+    /// `interval` in the background. `service` is the gRPC service name whose
+    /// health is watched; `tls` makes every connection TLS.
+    pub async fn start(
+        upstream: &'static str,
+        service: &'static str,
+        resolver: Arc<dyn Resolve>,
+        interval: Duration,
+        tls: Option<UpstreamTls>,
+    ) -> Self {
         let (channel, changes) = Channel::balance_channel::<SocketAddr>(CHANGE_QUEUE);
-        let endpoints = Arc::new(AtomicUsize::new(0));
+        let endpoints = Endpoints::default();
+        let (answered, mut first_answers) = tokio::sync::watch::channel(0usize);
         let mut refresher = Refresher {
             upstream,
+            service,
             resolver,
             changes,
-            current: BTreeSet::new(),
+            watchers: BTreeMap::new(),
             endpoints: endpoints.clone(),
+            answered: Arc::new(answered),
             timeout: RESOLVE_TIMEOUT.min(interval),
+            connect: Connect { tls },
         };
         refresher.refresh().await;
+        let expected = refresher.watchers.len();
+        let _ = tokio::time::timeout(FIRST_HEALTH_TIMEOUT, first_answers.wait_for(|n| *n >= expected)).await;
         let refresher = tokio::spawn(refresher.run(interval));
         Self { channel: ClientLayer.layer(channel), endpoints, refresher }
     }
@@ -233,8 +344,8 @@ impl Balanced {
         self.channel.clone()
     }
 
-    /// A shared count of the addresses currently in the balancer.
-    pub fn endpoints(&self) -> Arc<AtomicUsize> {
+    /// The live address counts.
+    pub fn endpoints(&self) -> Endpoints {
         self.endpoints.clone()
     }
 }
@@ -245,13 +356,25 @@ impl Drop for Balanced {
     }
 }
 
+/// Aborts the task when dropped.
+struct Watcher(JoinHandle<()>);
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct Refresher {
     upstream: &'static str,
+    service: &'static str,
     resolver: Arc<dyn Resolve>,
     changes: Sender<Change<SocketAddr, Endpoint>>,
-    current: BTreeSet<SocketAddr>,
-    endpoints: Arc<AtomicUsize>,
+    watchers: BTreeMap<SocketAddr, Watcher>,
+    endpoints: Endpoints,
+    answered: Arc<tokio::sync::watch::Sender<usize>>,
     timeout: Duration,
+    connect: Connect,
 }
 
 impl Refresher {
@@ -288,19 +411,29 @@ impl Refresher {
                 return !self.changes.is_closed();
             }
         };
-        let Diff { added, removed } = diff(&self.current, &next);
+        let current: BTreeSet<SocketAddr> = self.watchers.keys().copied().collect();
+        let Diff { added, removed } = diff(&current, &next);
         if added.is_empty() && removed.is_empty() {
             return !self.changes.is_closed();
         }
         for address in &removed {
+            // Dropping the watcher stops it; the address leaves the balancer.
+            self.watchers.remove(address);
             if self.changes.send(Change::Remove(*address)).await.is_err() {
                 return false;
             }
         }
         for address in &added {
-            if self.changes.send(Change::Insert(*address, endpoint(*address))).await.is_err() {
-                return false;
-            }
+            let watch = HealthWatch {
+                upstream: self.upstream,
+                service: self.service,
+                address: *address,
+                changes: self.changes.clone(),
+                endpoints: self.endpoints.clone(),
+                answered: self.answered.clone(),
+                connect: self.connect.clone(),
+            };
+            self.watchers.insert(*address, Watcher(tokio::spawn(watch.run())));
         }
         tracing::info!(
             upstream = self.upstream,
@@ -309,84 +442,166 @@ impl Refresher {
             endpoints = next.len(),
             "upstream addresses changed"
         );
-        self.endpoints.store(next.len(), Ordering::Relaxed);
-        self.current = next;
+        self.endpoints.0.resolved.store(next.len(), Ordering::Relaxed);
+        true
+    }
+}
+
+/// The health of one address, fed into the balancer.
+struct HealthWatch {
+    upstream: &'static str,
+    service: &'static str,
+    address: SocketAddr,
+    changes: Sender<Change<SocketAddr, Endpoint>>,
+    endpoints: Endpoints,
+    answered: Arc<tokio::sync::watch::Sender<usize>>,
+    connect: Connect,
+}
+
+/// Removes the address from the balancer when its watcher stops (dropped
+/// because the address left DNS, or aborted with the gateway).
+struct InBalancer<'a> {
+    serving: bool,
+    endpoints: &'a Endpoints,
+}
+
+impl Drop for InBalancer<'_> {
+    fn drop(&mut self) {
+        if self.serving {
+            self.endpoints.0.serving.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl HealthWatch {
+    fn health_client(&self) -> Option<HealthClient<Channel>> {
+        self.connect.endpoint(self.upstream, self.address).map(|endpoint| HealthClient::new(endpoint.connect_lazy()))
+    }
+
+    async fn run(self) {
+        let mut tls_changes = self.connect.changes();
+        let mut health = self.health_client();
+        let mut state = InBalancer { serving: false, endpoints: &self.endpoints };
+        let mut first_answer = true;
+        let mut backoff = WATCH_BACKOFF_MIN;
+        loop {
+            if tls_changes.as_mut().is_some_and(|changes| changes.has_changed().unwrap_or(false)) {
+                tls_changes.as_mut().map(|changes| changes.borrow_and_update());
+                health = self.health_client();
+            }
+            let request = HealthCheckRequest { service: self.service.to_owned() };
+            let watch = match health.as_mut() {
+                Some(health) => health.watch(request).await,
+                None => Err(tonic::Status::unavailable("tls is not configured for this address")),
+            };
+            match watch {
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    loop {
+                        let message = tokio::select! {
+                            message = stream.message() => message,
+                            () = tls_changed(&mut tls_changes) => {
+                                // New certificate files: new connections to this address
+                                // for calls and for the next watch; this watch goes on.
+                                health = self.health_client();
+                                if state.serving && !self.reinsert().await {
+                                    return;
+                                }
+                                continue;
+                            }
+                        };
+                        let serving = match message {
+                            Ok(Some(answer)) => answer.status() == ServingStatus::Serving,
+                            Ok(None) | Err(_) => break,
+                        };
+                        if serving {
+                            backoff = WATCH_BACKOFF_MIN;
+                        }
+                        if !self.set(&mut state, serving).await {
+                            return;
+                        }
+                        self.first(&mut first_answer);
+                    }
+                }
+                Err(status) => {
+                    tracing::debug!(upstream = self.upstream, address = %self.address, code = ?status.code(), error = %status.message(), "health watch failed");
+                }
+            }
+            // The watch ended or never started: the connection closed or the
+            // replica is gone. Out of rotation until it serves again.
+            if !self.set(&mut state, false).await {
+                return;
+            }
+            self.first(&mut first_answer);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
+        }
+    }
+
+    /// Replaces the address's endpoint in the balancer with one made from
+    /// the current TLS files; `false` once the balancer is gone.
+    async fn reinsert(&self) -> bool {
+        let Some(endpoint) = self.connect.endpoint(self.upstream, self.address) else { return true };
+        tracing::info!(upstream = self.upstream, address = %self.address, "tls files changed, reconnecting");
+        self.changes.send(Change::Insert(self.address, endpoint)).await.is_ok()
+    }
+
+    fn first(&self, first_answer: &mut bool) {
+        if std::mem::take(first_answer) {
+            self.answered.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Puts the address in or out of the balancer; `false` once the balancer
+    /// is gone.
+    async fn set(&self, state: &mut InBalancer<'_>, serving: bool) -> bool {
+        if state.serving == serving {
+            return true;
+        }
+        let change = if serving {
+            match self.connect.endpoint(self.upstream, self.address) {
+                Some(endpoint) => Change::Insert(self.address, endpoint),
+                None => return true,
+            }
+        } else {
+            Change::Remove(self.address)
+        };
+        if self.changes.send(change).await.is_err() {
+            return false;
+        }
+        state.serving = serving;
+        if serving {
+            self.endpoints.0.serving.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.endpoints.0.serving.fetch_sub(1, Ordering::Relaxed);
+        }
+        tracing::info!(upstream = self.upstream, address = %self.address, serving, "endpoint health changed");
         true
     }
 }
 
 /// One lazily connected HTTP/2 connection to `address`.
-fn endpoint(address: SocketAddr) -> Endpoint {
-    Endpoint::from(http::Uri::from(AuthorityUri(address)))
+fn endpoint(address: SocketAddr, scheme: http::uri::Scheme) -> Endpoint {
+    Endpoint::from(http::Uri::from(AuthorityUri(address, scheme)))
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(5))
 }
 
-/// `http://address/`, built without parsing.
-struct AuthorityUri(SocketAddr);
+/// `http://address/` (or `https://`), built without parsing.
+struct AuthorityUri(SocketAddr, http::uri::Scheme);
 
 impl From<AuthorityUri> for http::Uri {
-    fn from(AuthorityUri(address): AuthorityUri) -> Self {
+    fn from(AuthorityUri(address, scheme): AuthorityUri) -> Self {
         let authority = http::uri::Authority::try_from(address.to_string().as_str());
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.scheme = Some(scheme);
         parts.authority = authority.ok();
         parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         // A socket address is always a valid authority.
         http::Uri::from_parts(parts).unwrap_or_default()
     }
-}
-
-/// Extra attempts for a call that could not connect to the chosen address.
-const CONNECT_RETRIES: usize = 2;
-
-/// Runs `call`, and runs it again (at most [`CONNECT_RETRIES`] times) when it
-/// failed because no connection to the chosen address could be made — a pod
-/// that was just killed stays in DNS until the next re-resolution. The
-/// request never left the gateway then, so repeating it is safe even for a
-/// call that is not idempotent (a job submission). Any other failure is
-/// returned as it is.
-///
-/// # Errors
-///
-/// The last attempt's status.
-pub async fn retry_unconnected<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
-{
-    let mut attempt = 0;
-    loop {
-        match call().await {
-            Err(status) if attempt < CONNECT_RETRIES && never_connected(&status) => {
-                attempt += 1;
-                tracing::debug!(attempt, error = %status, "worker address refused the connection, retrying elsewhere");
-            }
-            result => return result,
-        }
-    }
-}
-
-/// Whether `status` says the call failed to connect (so it was never sent).
-fn never_connected(status: &tonic::Status) -> bool {
-    if status.code() != tonic::Code::Unavailable {
-        return false;
-    }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    while let Some(error) = source {
-        if let Some(io) = error.downcast_ref::<std::io::Error>()
-            && matches!(io.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable)
-        {
-            return true;
-        }
-        if error.to_string().contains("tcp connect error") {
-            return true;
-        }
-        source = error.source();
-    }
-    false
 }
 
 #[cfg(test)]
@@ -438,9 +653,9 @@ mod tests {
     #[test]
     fn endpoints_point_at_the_address() {
         let address = SocketAddr::from(([127, 0, 0, 1], 4000));
-        assert_eq!(endpoint(address).uri().to_string(), "http://127.0.0.1:4000/");
+        assert_eq!(endpoint(address, http::uri::Scheme::HTTP).uri().to_string(), "http://127.0.0.1:4000/");
         let v6: SocketAddr = "[::1]:4000".parse().unwrap();
-        assert_eq!(endpoint(v6).uri().to_string(), "http://[::1]:4000/");
+        assert_eq!(endpoint(v6, http::uri::Scheme::HTTPS).uri().to_string(), "https://[::1]:4000/");
     }
 
     #[tokio::test]

@@ -1,14 +1,14 @@
-//! `shoal-gateway`: see [`shoal_telemetry::service::main`] for the sequence
+//! `shoal-gateway`: see [`shoal_service::service::main`] for the sequence
 //! (config → telemetry → bind → serve until a signal → drain → flush).
 
 use std::process::ExitCode;
 
 use shoal_gateway::{Config, Gateway};
-use shoal_telemetry::service::Failure;
+use shoal_service::service::Failure;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    shoal_telemetry::service::main::<Config, _, _>("shoal-gateway", async |config, shutdown| {
+    shoal_service::service::main::<Config, _, _>("shoal-gateway", async |config, shutdown| {
         Gateway::bind(config).await.map_err(Failure::start)?.run(shutdown).await.map_err(Failure::run)
     })
     .await

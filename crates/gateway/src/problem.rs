@@ -15,17 +15,11 @@
 //! failures and unexpected upstream failures (5xx) carry an opaque `detail`;
 //! the cause is logged with the request id.
 //!
-//! Worker gRPC codes map as follows (see [`From<tonic::Status>`]):
-//!
-//! | gRPC | HTTP | why |
-//! |---|---|---|
-//! | `INVALID_ARGUMENT` | 400 | unknown kind or bad payload: the worker's message says what to fix |
-//! | `NOT_FOUND` | 404 | |
-//! | `ABORTED` | 422 | the request was well-formed but the task failed (its message is passed on) |
-//! | `RESOURCE_EXHAUSTED` | 503 + `Retry-After` | the workers are at capacity: a server-side condition, not this client's rate (so not 429) |
-//! | `DEADLINE_EXCEEDED`, `CANCELLED` | 504 | the deadline passed (`CANCELLED` is the gRPC client's own timer firing first) |
-//! | `UNAVAILABLE` | 503 + `Retry-After` | no worker reachable, or shutting down |
-//! | anything else | 502 | opaque; the code and message are logged |
+//! Upstream gRPC codes map through one table, [`ApiError::from_status`],
+//! whose column is the route's [`Table`]: tasks (`RESOURCE_EXHAUSTED` is the
+//! workers at capacity, `503`, a server-side condition, not this client's
+//! rate), jobs (`RESOURCE_EXHAUSTED` is a full queue, `429`;
+//! `FAILED_PRECONDITION` is `409`), aggregator queries.
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -76,6 +70,16 @@ pub enum ApiError {
     BadGateway(String),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("not authenticated: {0}")]
+    Unauthenticated(crate::auth::AuthFailure),
+    #[error("client over its limit: {0:?}")]
+    RateLimited(crate::limits::Refusal),
+    #[error("the body was not received within {0:?}")]
+    BodyTimeout(Duration),
+    #[error("idempotency key reused: {0}")]
+    KeyReused(String),
+    #[error("batch of {got} jobs, more than {limit}")]
+    TooManyJobs { limit: usize, got: usize },
 }
 
 struct Problem {
@@ -125,7 +129,7 @@ impl ApiError {
                 "No such route",
                 format!(
                     "no route matches `{path}`; the API serves GET /, POST /v1/tasks/{{kind}}, POST /v1/jobs, \
-                     GET|DELETE /v1/jobs/{{id}}, GET /v1/status and GET /v1/stats"
+                     POST /v1/jobs:batch, GET /v1/jobs/{{id}}, POST /v1/jobs/{{id}}/cancel, GET /v1/status and GET /v1/stats"
                 )
                 .into(),
             ),
@@ -199,7 +203,157 @@ impl ApiError {
                 "Internal error",
                 "the gateway failed; the cause is logged with this request id".into(),
             ),
+            Unauthenticated(failure) => {
+                use crate::auth::AuthFailure;
+                let (status, slug, title, detail) = match failure {
+                    AuthFailure::Missing => (
+                        StatusCode::UNAUTHORIZED,
+                        "unauthenticated",
+                        "Authentication required",
+                        "send an API key as `Authorization: Bearer <key>` or `X-Api-Key: <key>`",
+                    ),
+                    AuthFailure::Malformed => (
+                        StatusCode::UNAUTHORIZED,
+                        "invalid-credential",
+                        "Invalid credential",
+                        "the credential is malformed: send `Authorization: Bearer <key>` or `X-Api-Key: <key>` (the same key if both)",
+                    ),
+                    AuthFailure::Unknown => (
+                        StatusCode::UNAUTHORIZED,
+                        "invalid-credential",
+                        "Invalid credential",
+                        "the API key is not valid (unknown, or revoked); ask for a new one",
+                    ),
+                    AuthFailure::ReadOnly => (
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        "Forbidden",
+                        "this API key may only read (GET); use a key with full access",
+                    ),
+                };
+                p(status, slug, title, detail.into())
+            }
+            RateLimited(crate::limits::Refusal::Rate { retry_after_secs, .. }) => p(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too many requests",
+                format!("this client is over its request rate; retry after {retry_after_secs}s (Retry-After)").into(),
+            ),
+            RateLimited(crate::limits::Refusal::Concurrency { limit }) => p(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-concurrent",
+                "Too many concurrent requests",
+                format!("this client already has {limit} requests in flight; wait for one to finish").into(),
+            ),
+            KeyReused(detail) => p(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency-key-reused",
+                "Idempotency-Key reused",
+                format!("{detail}; an Idempotency-Key names one request: use a new key for a different job").into(),
+            ),
+            TooManyJobs { limit, got } => p(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-many-jobs",
+                "Too many jobs in one batch",
+                format!("the batch holds {got} jobs, more than the limit of {limit}; split it into smaller batches")
+                    .into(),
+            ),
+            BodyTimeout(limit) => p(
+                StatusCode::REQUEST_TIMEOUT,
+                "body-timeout",
+                "Request body too slow",
+                format!("the body did not arrive within {}s; send it at once", limit.as_secs_f64()).into(),
+            ),
         }
+    }
+
+    /// Headers the problem carries besides `Content-Type` and `Retry-After: 1`.
+    fn extra_headers(&self, headers: &mut axum::http::HeaderMap) {
+        use crate::auth::AuthFailure;
+        use crate::limits::Refusal;
+        let number = |n: u64| HeaderValue::from_str(&n.to_string()).unwrap_or(HeaderValue::from_static("1"));
+        match self {
+            Self::Unauthenticated(AuthFailure::Missing) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"shoal\""));
+            }
+            Self::Unauthenticated(AuthFailure::Malformed | AuthFailure::Unknown) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"shoal\", error=\"invalid_token\""),
+                );
+            }
+            Self::Unauthenticated(AuthFailure::ReadOnly) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"shoal\", error=\"insufficient_scope\""),
+                );
+            }
+            Self::RateLimited(Refusal::Rate { retry_after_secs, burst, window_secs }) => {
+                headers.insert(header::RETRY_AFTER, number(*retry_after_secs));
+                if let Ok(policy) = HeaderValue::from_str(&format!("\"client\";q={burst};w={window_secs}")) {
+                    headers.insert("ratelimit-policy", policy);
+                }
+                if let Ok(state) = HeaderValue::from_str(&format!("\"client\";r=0;t={retry_after_secs}")) {
+                    headers.insert("ratelimit", state);
+                }
+            }
+            Self::RateLimited(Refusal::Concurrency { .. }) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+            }
+            Self::BodyTimeout(_) => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
+    }
+}
+
+impl ApiError {
+    /// The problem as a JSON object and its status, for a response body or
+    /// for one item of a batch. `request_id` goes into `instance`.
+    fn to_json(&self, problem: &Problem, request_id: &str) -> serde_json::Value {
+        serde_json::json!({
+            "type": format!("urn:shoal:problem:{}", problem.slug),
+            "title": problem.title,
+            "status": problem.status.as_u16(),
+            "detail": problem.detail,
+            "instance": format!("urn:shoal:request:{request_id}"),
+            "request_id": request_id,
+        })
+    }
+
+    /// How long the client should wait before trying again, in seconds,
+    /// when the answer says so (`Retry-After`).
+    fn retry_after_secs(&self, problem: &Problem) -> Option<u64> {
+        match self {
+            Self::RateLimited(crate::limits::Refusal::Rate { retry_after_secs, .. }) => Some(*retry_after_secs),
+            Self::RateLimited(crate::limits::Refusal::Concurrency { .. }) => Some(1),
+            _ if problem.retry_after => RETRY_AFTER_SECS.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// This error as one item's result in a batch answer: its status and an
+    /// RFC 9457 problem object, which also carries `retry_after` (seconds)
+    /// where a whole response would carry `Retry-After`. A server-side
+    /// failure is logged here, as [`IntoResponse`] does.
+    pub fn item_problem(&self, index: usize) -> (StatusCode, serde_json::Value) {
+        let problem = self.problem();
+        let request_id = request_id();
+        if problem.status.is_server_error() {
+            tracing::warn!(
+                status = problem.status.as_u16(),
+                request_id,
+                index,
+                error = self as &dyn std::error::Error,
+                "batch item failed"
+            );
+        }
+        let mut body = self.to_json(&problem, &request_id);
+        if let Some(secs) = self.retry_after_secs(&problem) {
+            body["retry_after"] = secs.into();
+        }
+        (problem.status, body)
     }
 }
 
@@ -215,20 +369,14 @@ impl IntoResponse for ApiError {
                 "request failed"
             );
         }
-        let body = serde_json::json!({
-            "type": format!("urn:shoal:problem:{}", problem.slug),
-            "title": problem.title,
-            "status": problem.status.as_u16(),
-            "detail": problem.detail,
-            "instance": format!("urn:shoal:request:{request_id}"),
-            "request_id": request_id,
-        });
+        let body = self.to_json(&problem, &request_id);
         let mut response = (problem.status, body.to_string()).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         if problem.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
         }
+        self.extra_headers(headers);
         response
     }
 }
@@ -255,53 +403,64 @@ impl ApiError {
     }
 }
 
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::QueryRejection) -> Self {
+        Self::BadRequest(format!("bad query string: {}", rejection.body_text()))
+    }
+}
+
 impl From<PathRejection> for ApiError {
     fn from(rejection: PathRejection) -> Self {
         Self::BadRequest(rejection.body_text())
     }
 }
 
-impl ApiError {
-    /// The error for a failed call to the worker, per the table in the
-    /// [module docs](self).
-    pub fn from_worker(status: tonic::Status, deadline: Duration) -> Self {
-        use tonic::Code;
-        let message = status.message().to_owned();
-        match status.code() {
-            Code::InvalidArgument => Self::InvalidTask(message),
-            Code::NotFound => Self::UpstreamNotFound(message),
-            Code::Aborted => Self::TaskFailed(message),
-            Code::ResourceExhausted => Self::UpstreamBusy,
-            // `CANCELLED` reaches the gateway only when its own client-side
-            // deadline timer fired first (it cancels nothing else): a timeout.
-            Code::DeadlineExceeded | Code::Cancelled => Self::Timeout(deadline),
-            Code::Unavailable => Self::UpstreamUnavailable { upstream: "worker", cause: message },
-            code => Self::BadGateway(format!("worker answered {code:?}: {message}")),
-        }
-    }
+/// Which column of the gRPC → HTTP table a route uses (see
+/// [`ApiError::from_status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// `POST /v1/tasks/{kind}` on a worker.
+    Task,
+    /// The jobs API on a worker.
+    Job,
+    /// The aggregator's query API: every answer but success, unavailable and
+    /// late is our own failure.
+    Query,
 }
 
 impl ApiError {
-    /// The error for a failed jobs call to the worker. Unlike tasks, a full
-    /// queue is `429`: the client should slow down its submissions.
+    /// The one mapping of a failed gRPC call to HTTP, for every route.
+    /// `upstream` names the service in `503` answers.
     ///
-    /// | gRPC | HTTP |
-    /// |---|---|
-    /// | `INVALID_ARGUMENT` | 400 |
-    /// | `NOT_FOUND` | 404 |
-    /// | `FAILED_PRECONDITION` | 409 (the job already ended) |
-    /// | `RESOURCE_EXHAUSTED` | 429 + `Retry-After` (the queue is at its bound) |
-    /// | `UNAVAILABLE` | 503 + `Retry-After` (no worker, or Redis unreachable) |
-    /// | `DEADLINE_EXCEEDED` | 504 |
-    pub fn from_jobs(status: tonic::Status, deadline: Duration) -> Self {
+    /// | gRPC | task | job | query |
+    /// |---|---|---|---|
+    /// | `INVALID_ARGUMENT` | 400 invalid-task | 400 bad-request | 502 |
+    /// | `NOT_FOUND` | 404 | 404 | 502 |
+    /// | `ABORTED` | 422 (the task failed) | 422 | 502 |
+    /// | `FAILED_PRECONDITION` | 502 | 409 (the job already ended) | 502 |
+    /// | `ALREADY_EXISTS` | 502 | 422 (an `Idempotency-Key` reused with another request) | 502 |
+    /// | `RESOURCE_EXHAUSTED` | 503 + `Retry-After` (workers at capacity) | 429 + `Retry-After` (queue full) | 502 |
+    /// | `DEADLINE_EXCEEDED`, `CANCELLED` | 504 | 504 | 504 |
+    /// | `UNAVAILABLE` | 503 + `Retry-After` | 503 + `Retry-After` | 503 + `Retry-After` |
+    /// | anything else | 502 | 502 | 502 |
+    ///
+    /// `CANCELLED` reaches the gateway only when its own client-side deadline
+    /// timer fired first (it cancels nothing else): a timeout, on every route.
+    pub fn from_status(status: tonic::Status, deadline: Duration, upstream: &'static str, table: Table) -> Self {
         use tonic::Code;
         let message = status.message().to_owned();
-        match status.code() {
-            Code::InvalidArgument => Self::BadRequest(message),
-            Code::FailedPrecondition => Self::Conflict(message),
-            Code::ResourceExhausted => Self::QueueFull(message),
-            Code::Unavailable => Self::UpstreamUnavailable { upstream: "job service", cause: message },
-            _ => Self::from_worker(status, deadline),
+        match (status.code(), table) {
+            (Code::DeadlineExceeded | Code::Cancelled, _) => Self::Timeout(deadline),
+            (Code::Unavailable, _) => Self::UpstreamUnavailable { upstream, cause: message },
+            (Code::InvalidArgument, Table::Task) => Self::InvalidTask(message),
+            (Code::InvalidArgument, Table::Job) => Self::BadRequest(message),
+            (Code::NotFound, Table::Task | Table::Job) => Self::UpstreamNotFound(message),
+            (Code::Aborted, Table::Task | Table::Job) => Self::TaskFailed(message),
+            (Code::FailedPrecondition, Table::Job) => Self::Conflict(message),
+            (Code::AlreadyExists, Table::Job) => Self::KeyReused(message),
+            (Code::ResourceExhausted, Table::Task) => Self::UpstreamBusy,
+            (Code::ResourceExhausted, Table::Job) => Self::QueueFull(message),
+            (code, _) => Self::BadGateway(format!("{upstream} answered {code:?}: {message}")),
         }
     }
 }
@@ -369,12 +528,29 @@ mod tests {
             (tonic::Status::unknown("?"), 502, false),
         ];
         for (status, expected, retry_after) in cases {
-            let (got, _, retry, json) = body(ApiError::from_worker(status.clone(), deadline)).await;
+            let (got, _, retry, json) =
+                body(ApiError::from_status(status.clone(), deadline, "worker", Table::Task)).await;
             assert_eq!(got.as_u16(), expected, "{status:?}");
             assert_eq!(retry.is_some(), retry_after, "{status:?}");
             if expected < 500 {
                 assert!(json["detail"].as_str().unwrap().contains(status.message()), "{json}");
             }
+        }
+    }
+
+    #[test]
+    fn routes_differ_only_where_the_table_says() {
+        let deadline = Duration::from_secs(1);
+        let code = |status: tonic::Status, table| {
+            ApiError::from_status(status, deadline, "worker", table).problem().status.as_u16()
+        };
+        assert_eq!(code(tonic::Status::resource_exhausted("full"), Table::Job), 429);
+        assert_eq!(code(tonic::Status::failed_precondition("ended"), Table::Job), 409);
+        assert_eq!(code(tonic::Status::failed_precondition("ended"), Table::Task), 502);
+        assert_eq!(code(tonic::Status::invalid_argument("bad"), Table::Query), 502);
+        for table in [Table::Task, Table::Job, Table::Query] {
+            assert_eq!(code(tonic::Status::cancelled("Timeout expired"), table), 504);
+            assert_eq!(code(tonic::Status::unavailable("gone"), table), 503);
         }
     }
 

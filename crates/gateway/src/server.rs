@@ -1,20 +1,23 @@
 //! Binding, serving and draining the gateway.
 
-use std::future::{Future, IntoFuture as _};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_proto::aggregator::v1::aggregator_service_client::AggregatorServiceClient;
-use shoal_proto::worker::v1::worker_service_client::WorkerServiceClient;
-use shoal_telemetry::admin::{self, Readiness};
+use shoal_proto::aggregator::v1::aggregator_service_server::SERVICE_NAME as AGGREGATOR_SERVICE;
+use shoal_proto::worker::v1::worker_service_server::SERVICE_NAME as WORKER_SERVICE;
+use shoal_service::DrainSettings;
+use shoal_service::admin::{self, Readiness};
 use tokio::net::TcpListener;
-use tonic_health::pb::health_client::HealthClient;
 
 use crate::Config;
+use crate::auth::{AuthMode, Keys};
 use crate::config::ConfigError;
-use crate::discovery::{Balanced, DnsResolver, Resolve};
+use crate::discovery::{Balanced, DnsResolver, Resolve, UpstreamTls};
+use crate::edge::Admission;
 use crate::routes::{AppState, Shared};
+use crate::upstream::Upstream;
 
 /// How long the admin listener may take to stop after the drain.
 const ADMIN_STOP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -25,7 +28,11 @@ pub enum StartError {
     #[error("invalid configuration")]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Bind(#[from] shoal_telemetry::net::BindError),
+    Bind(#[from] shoal_service::net::BindError),
+    #[error(transparent)]
+    Keys(#[from] crate::auth::KeysFileError),
+    #[error("cannot call the upstreams over tls")]
+    Tls(#[from] shoal_tls::TlsError),
 }
 
 /// The gateway failed while running.
@@ -62,8 +69,16 @@ pub struct Gateway {
     admin: TcpListener,
     readiness: Readiness,
     app: axum::Router,
-    // Dropping them stops the re-resolution tasks.
-    _upstreams: (Balanced, Balanced),
+    _keys_watch: Option<AbortOnDrop>,
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl std::fmt::Debug for Gateway {
@@ -92,28 +107,60 @@ impl Gateway {
     /// As [`Gateway::bind`].
     pub async fn bind_with(config: Config, upstreams: Upstreams) -> Result<Self, StartError> {
         config.validate()?;
-        let http = shoal_telemetry::net::bind("http", config.http_addr).await?;
-        let admin = shoal_telemetry::net::bind("admin", config.admin_addr).await?;
+        let (keys, keys_watch) = match (config.auth, &config.api_keys_file) {
+            (AuthMode::ApiKeys, Some(path)) => {
+                let keys = Keys::load(path, config.client_limits())?;
+                let watch = keys.watch(path.clone(), config.api_keys_reload_interval);
+                (Some(keys), Some(AbortOnDrop(watch)))
+            }
+            _ => {
+                tracing::warn!(
+                    "--auth none: the API accepts every caller without a credential (local development only)"
+                );
+                (None, None)
+            }
+        };
+        let admission =
+            Admission { keys, max_body_bytes: config.max_body_bytes, body_read_timeout: config.body_read_timeout };
+        let http = shoal_service::net::bind("http", config.http_addr).await?;
+        let admin = shoal_service::net::bind("admin", config.admin_addr).await?;
         let interval = config.resolve_interval;
+        let (worker_tls, aggregator_tls) = match config.upstream_tls()? {
+            Some(files) => {
+                let tls = shoal_tls::ClientTls::load(&files)?.reloading(shoal_tls::RELOAD_INTERVAL);
+                (
+                    Some(UpstreamTls { tls: tls.clone(), server_name: config.worker_server_name()? }),
+                    Some(UpstreamTls { tls, server_name: config.aggregator_server_name()? }),
+                )
+            }
+            None => (None, None),
+        };
         let (worker, aggregator) = tokio::join!(
-            Balanced::start("worker", upstreams.worker, interval),
-            Balanced::start("aggregator", upstreams.aggregator, interval),
+            Balanced::start("worker", WORKER_SERVICE, upstreams.worker, interval, worker_tls),
+            Balanced::start("aggregator", AGGREGATOR_SERVICE, upstreams.aggregator, interval, aggregator_tls),
         );
+        // The state owns the upstreams: dropping the router stops their
+        // re-resolution and health watches.
         let state = AppState::new(Shared {
-            worker: WorkerServiceClient::new(worker.channel()),
-            worker_health: HealthClient::new(worker.channel()),
-            worker_endpoints: worker.endpoints(),
-            aggregator: AggregatorServiceClient::new(aggregator.channel()),
-            aggregator_health: HealthClient::new(aggregator.channel()),
-            aggregator_endpoints: aggregator.endpoints(),
+            worker: Upstream::new("worker", worker),
+            aggregator: Upstream::new("aggregator", aggregator),
             default_timeout: config.default_timeout,
             max_timeout: config.max_timeout,
             status_timeout: config.status_timeout,
             max_body_bytes: config.max_body_bytes,
         });
         let max_in_flight = usize::try_from(config.max_in_flight).unwrap_or(usize::MAX);
-        let app = crate::routes::router(state, max_in_flight);
-        Ok(Self { config, http, admin, readiness: Readiness::new(), app, _upstreams: (worker, aggregator) })
+        let max_delayed = usize::try_from(config.max_delayed).unwrap_or(usize::MAX);
+        let app = crate::routes::router(
+            state,
+            max_in_flight,
+            admission,
+            max_delayed,
+            config.max_delay,
+            config.trust_traceparent,
+            config.stats_cache_ttl,
+        );
+        Ok(Self { config, http, admin, readiness: Readiness::new(), app, _keys_watch: keys_watch })
     }
 
     /// The bound HTTP address.
@@ -131,8 +178,10 @@ impl Gateway {
         self.readiness.clone()
     }
 
-    /// Serves until `shutdown` resolves, then: readiness off, stop accepting,
-    /// let in-flight requests finish for at most `--shutdown-grace`, stop the
+    /// Serves until `shutdown` resolves (with the connection limits of
+    /// [`crate::listener`]), then drains as [`shoal_service::http`] does: readiness off while still serving for
+    /// `--drain-delay` (`Connection: close` on HTTP/1.1), stop accepting, let
+    /// in-flight requests finish for at most `--shutdown-grace`, stop the
     /// admin listener, return.
     ///
     /// # Errors
@@ -141,39 +190,18 @@ impl Gateway {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
         let http_addr = self.http_addr();
         let admin_addr = self.admin_addr();
-        let Self { config, http, admin, readiness, app, _upstreams } = self;
+        let Self { config, http, admin, readiness, app, _keys_watch } = self;
 
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let mut admin_task = tokio::spawn(admin::serve(admin, readiness.clone(), async {
             let _ = admin_stopped.await;
         }));
-        let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = axum::serve(shoal_telemetry::net::http_listener(http), app)
-            .with_graceful_shutdown(async {
-                let _ = http_stopped.await;
-            })
-            .into_future();
-        let mut server = tokio::spawn(server);
-
         readiness.mark_started();
         tracing::info!(http_addr = %http_addr, admin_addr = %admin_addr, "listening");
-
-        let result = tokio::select! {
-            () = shutdown => {
-                tracing::info!(grace_ms = config.shutdown_grace.as_millis() as u64, "draining");
-                readiness.mark_draining();
-                let _ = stop_http.send(());
-                match tokio::time::timeout(config.shutdown_grace, &mut server).await {
-                    Ok(finished) => flatten(finished, RunError::Http),
-                    Err(_) => {
-                        tracing::warn!("grace period over, abandoning in-flight requests");
-                        server.abort();
-                        Ok(())
-                    }
-                }
-            }
-            finished = &mut server => flatten(finished, RunError::Http),
-        };
+        let drain = DrainSettings { delay: config.drain_delay, grace: config.shutdown_grace };
+        let result = crate::listener::serve_http(http, app, config.connection_limits(), readiness, drain, shutdown)
+            .await
+            .map_err(RunError::Http);
         let _ = stop_admin.send(());
         let admin_result = match tokio::time::timeout(ADMIN_STOP_TIMEOUT, &mut admin_task).await {
             Ok(finished) => flatten(finished, RunError::Admin),

@@ -140,6 +140,12 @@ async fn main() -> anyhow::Result<()> {
         &(args.series + 1000).to_string(),
         "--sample-interval",
         "1s",
+        "--max-source-push-rate",
+        "1000000",
+        "--max-bytes",
+        "8GiB",
+        "--max-concurrent-pushes",
+        "4",
     ])?;
     let aggregator = Aggregator::bind(config).await?;
     let endpoint = format!("http://{}", aggregator.grpc_addr());

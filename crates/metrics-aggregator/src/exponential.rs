@@ -19,6 +19,18 @@ const MAX_SCALE: i32 = 20;
 /// Most buckets accepted in one pushed point (before downscaling).
 const MAX_PUSHED_BUCKETS: usize = 1 << 14;
 
+/// The largest bucket index that holds a finite `f64` at `scale`, in
+/// absolute value: `2^1024` (above `f64::MAX`) has index `1024 * 2^scale`,
+/// the smallest subnormal `2^-1074` index `-1074 * 2^scale - 1`. Any bucket
+/// outside `-limit..=limit` cannot hold a value, so a point that has one is
+/// malformed. This bounds the span of every point and of every merge: at
+/// [`MIN_SCALE`] the whole `f64` range is 5 buckets, so downscaling always
+/// ends within [`MAX_BUCKETS`].
+pub fn index_limit(scale: i32) -> i64 {
+    let scale = scale.clamp(MIN_SCALE, MAX_SCALE);
+    ((1075i64 << MAX_SCALE) >> (MAX_SCALE - scale)) + 1
+}
+
 /// Buckets of one sign: `counts[i]` holds the values whose index is
 /// `offset + i`. Kept trimmed (no leading or trailing zero), so equal
 /// contents compare equal.
@@ -36,8 +48,16 @@ impl Buckets {
         let last = self.counts.iter().rposition(|c| *c > 0).unwrap_or(first);
         self.counts.truncate(last + 1);
         self.counts.drain(..first);
-        self.offset += first as i32;
+        // In i64, so that no offset (even one of an unchecked point) overflows.
+        let offset = i64::from(self.offset) + first as i64;
+        self.offset = i32::try_from(offset).unwrap_or(i32::MAX);
         self
+    }
+
+    /// Whether every non-empty bucket holds finite values at `scale`.
+    fn in_range(&self, scale: i32) -> bool {
+        let limit = index_limit(scale);
+        self.range_after(0).is_none_or(|(lo, hi)| lo >= -limit && hi <= limit)
     }
 
     /// Index range of the non-empty buckets at `scale - by`.
@@ -76,6 +96,9 @@ impl Buckets {
     }
 
     /// Bucket-wise at the same scale, with `op` (saturating add or subtract).
+    /// Callers bring both sides to a [`ExpHistogram::fitting_scale`] first,
+    /// so the span is at most [`MAX_BUCKETS`]; a wider span (which only
+    /// unchecked input could produce) is refused rather than allocated.
     fn zip_with(&self, other: &Self, op: impl Fn(u64, u64) -> u64) -> Self {
         let ranges = [self.range_after(0), other.range_after(0)];
         let lo = ranges.iter().flatten().map(|r| r.0).min();
@@ -83,6 +106,9 @@ impl Buckets {
         let (Some(lo), Some(hi)) = (lo, hi) else {
             return Self::default();
         };
+        if hi - lo >= MAX_PUSHED_BUCKETS as i64 {
+            return Self::default();
+        }
         let counts = (lo..=hi).map(|i| op(self.get(i), other.get(i))).collect();
         Self { offset: lo as i32, counts }.trimmed()
     }
@@ -111,6 +137,10 @@ pub enum ExpHistogramError {
     Count { buckets: u64, count: u64 },
     #[error("the sum or zero threshold is not a finite number")]
     NotFinite,
+    #[error("bucket indices beyond ±{limit} hold no finite value at scale {scale}")]
+    Range { scale: i32, limit: i64 },
+    #[error("more than {MAX_BUCKETS} buckets per sign after downscaling")]
+    Unfitted,
 }
 
 impl ExpHistogram {
@@ -138,6 +168,9 @@ impl ExpHistogram {
         if !sum.is_finite() || !zero_threshold.is_finite() {
             return Err(ExpHistogramError::NotFinite);
         }
+        if !positive.in_range(scale) || !negative.in_range(scale) {
+            return Err(ExpHistogramError::Range { scale, limit: index_limit(scale) });
+        }
         let buckets = positive.total().saturating_add(negative.total()).saturating_add(zero_count);
         if buckets != count {
             return Err(ExpHistogramError::Count { buckets, count });
@@ -153,6 +186,32 @@ impl ExpHistogram {
         };
         let target = point.fitting_scale(&point, scale);
         Ok(point.at_scale(target))
+    }
+
+    /// Checks a point that did not come through [`ExpHistogram::new`] (a
+    /// checkpoint): the same invariants, and at most [`MAX_BUCKETS`] per sign.
+    ///
+    /// # Errors
+    ///
+    /// The first invariant that does not hold.
+    pub fn check(&self) -> Result<(), ExpHistogramError> {
+        if !(MIN_SCALE..=MAX_SCALE).contains(&self.scale) {
+            return Err(ExpHistogramError::Scale(self.scale));
+        }
+        if self.positive.counts.len() > MAX_BUCKETS || self.negative.counts.len() > MAX_BUCKETS {
+            return Err(ExpHistogramError::Unfitted);
+        }
+        if !self.sum.is_finite() || !self.zero_threshold.is_finite() {
+            return Err(ExpHistogramError::NotFinite);
+        }
+        if !self.positive.in_range(self.scale) || !self.negative.in_range(self.scale) {
+            return Err(ExpHistogramError::Range { scale: self.scale, limit: index_limit(self.scale) });
+        }
+        let buckets = self.positive.total().saturating_add(self.negative.total()).saturating_add(self.zero_count);
+        if buckets != self.count {
+            return Err(ExpHistogramError::Count { buckets, count: self.count });
+        }
+        Ok(())
     }
 
     pub fn zero_like(&self) -> Self {
@@ -199,22 +258,23 @@ impl ExpHistogram {
         }
     }
 
-    /// The points observed between `baseline` and `self`, at their common scale.
+    /// The points observed between `baseline` and `self`, at a common scale
+    /// at which both fit.
     pub fn increase_since(&self, baseline: &ExpHistogram) -> ExpHistogram {
-        let scale = self.scale.min(baseline.scale);
+        let scale = self.fitting_scale(baseline, self.scale.min(baseline.scale));
         let (a, b) = (self.at_scale(scale), baseline.at_scale(scale));
         let sub = |x: u64, y: u64| x.saturating_sub(y);
         let positive = a.positive.zip_with(&b.positive, sub);
         let negative = a.negative.zip_with(&b.negative, sub);
         let zero_count = a.zero_count.saturating_sub(b.zero_count);
-        let count = positive.total() + negative.total() + zero_count;
-        let sum = if count > 0 { a.sum - b.sum } else { 0.0 };
+        let count = positive.total().saturating_add(negative.total()).saturating_add(zero_count);
+        let sum = if count > 0 { crate::merge::finite(a.sum - b.sum) } else { 0.0 };
         ExpHistogram { scale, zero_count, zero_threshold: a.zero_threshold, positive, negative, count, sum }
     }
 
-    /// Lower bound of the bucket `index` (positive side).
+    /// Lower bound of the bucket `index` (positive side), at most `f64::MAX`.
     fn lower(&self, index: i64) -> f64 {
-        (index as f64 * (-f64::from(self.scale)).exp2()).exp2()
+        (index as f64 * (-f64::from(self.scale)).exp2()).exp2().min(f64::MAX)
     }
 
     /// The `q` quantile, interpolated inside the bucket that holds it: within
@@ -226,7 +286,7 @@ impl ExpHistogram {
         let rank = q * self.count as f64;
         let mut below = 0u64;
         let mut within = |c: u64, lower: f64, upper: f64| -> Option<f64> {
-            let cumulative = below + c;
+            let cumulative = below.saturating_add(c);
             if c > 0 && cumulative as f64 >= rank {
                 let fraction = ((rank - below as f64) / c as f64).clamp(0.0, 1.0);
                 return Some(lower + (upper - lower) * fraction);
@@ -270,8 +330,16 @@ impl Additive for ExpHistogram {
             positive: a.positive.zip_with(&b.positive, add),
             negative: a.negative.zip_with(&b.negative, add),
             count: a.count.saturating_add(b.count),
-            sum: a.sum + b.sum,
+            sum: crate::merge::finite(a.sum + b.sum),
         };
+    }
+
+    fn check(&self) -> Result<(), String> {
+        ExpHistogram::check(self).map_err(|e| e.to_string())
+    }
+
+    fn heap_bytes(&self) -> usize {
+        ExpHistogram::heap_bytes(self)
     }
 
     fn rank(&self, other: &Self) -> Ordering {
@@ -332,6 +400,71 @@ mod tests {
         let p50 = a.quantile(0.5).unwrap();
         assert!((8.0..=16.0).contains(&p50), "{p50}");
         assert_eq!(a.quantile(1.0), Some(16.0));
+    }
+
+    #[test]
+    fn offsets_far_outside_the_f64_range_are_rejected() {
+        let at = |scale, offset: i32| {
+            ExpHistogram::new(scale, 0, 0.0, Buckets { offset, counts: vec![1] }, Buckets::default(), 1, 0.0)
+        };
+        assert!(matches!(at(-10, i32::MIN), Err(ExpHistogramError::Range { .. })));
+        assert!(matches!(at(-10, i32::MAX), Err(ExpHistogramError::Range { .. })));
+        assert!(matches!(at(20, i32::MAX - 1), Err(ExpHistogramError::Range { .. })));
+        // The extremes of f64 are fine, at either end of the scales.
+        assert!(at(20, (1024 << 20) - 1).is_ok());
+        assert!(at(-10, -2).is_ok() && at(-10, 1).is_ok());
+    }
+
+    #[test]
+    fn merging_the_widest_valid_points_stays_small() {
+        // The whole f64 range, positive and negative, at the finest scale.
+        let limit = index_limit(20) as i32;
+        let wide = |offset| {
+            ExpHistogram::new(
+                20,
+                0,
+                0.0,
+                Buckets { offset, counts: vec![1] },
+                Buckets { offset, counts: vec![1] },
+                2,
+                0.0,
+            )
+            .unwrap()
+        };
+        let (low, high) = (wide(-limit), wide(limit));
+        let mut merged = low.clone();
+        merged.add(&high);
+        assert!(merged.positive.counts.len() <= MAX_BUCKETS && merged.negative.counts.len() <= MAX_BUCKETS);
+        assert_eq!(merged.count, 4);
+        let increase = high.increase_since(&low);
+        assert!(increase.positive.counts.len() <= MAX_BUCKETS);
+        assert_eq!(increase.count, 2);
+        assert!(merged.quantile(1.0).is_some_and(f64::is_finite));
+    }
+
+    #[test]
+    fn a_checkpointed_point_is_checked_again() {
+        let bad = ExpHistogram {
+            scale: -10,
+            zero_count: 0,
+            zero_threshold: 0.0,
+            positive: Buckets { offset: i32::MIN, counts: vec![1] },
+            negative: Buckets { offset: i32::MAX, counts: vec![1] },
+            count: 2,
+            sum: 0.0,
+        };
+        assert!(matches!(bad.check(), Err(ExpHistogramError::Range { .. })));
+        // Even unchecked, a merge does not allocate the span.
+        let mut other = bad.clone();
+        other.add(&bad);
+        assert!(other.positive.counts.len() <= MAX_PUSHED_BUCKETS);
+        assert!(point(3, 5, &[1, 2]).check().is_ok());
+    }
+
+    #[test]
+    fn trimming_never_overflows_the_offset() {
+        let b = Buckets { offset: i32::MAX, counts: vec![0, 0, 1] }.trimmed();
+        assert_eq!(b.offset, i32::MAX);
     }
 
     #[test]

@@ -3,13 +3,14 @@
 //! [`Windows`]. Locks are `std` locks held for pure computation only, never
 //! across an `.await`; callers run the heavy calls on the blocking pool.
 
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use shoal_telemetry::metrics::{Counter, Gauge, KeyValue, meter};
 
 use crate::otlp;
+use crate::rate::RateLimiter;
 use crate::source::SourceId;
 use crate::store::{Answer, MetricSummary, Outcome, Selection, Settings, SourceSnapshot, SourceSummary, Store};
 use crate::window::{WindowAnswer, WindowError, Windows};
@@ -25,6 +26,7 @@ struct Instruments {
     series: Gauge<u64>,
     sources: Gauge<u64>,
     window_samples: Gauge<u64>,
+    bytes: Gauge<u64>,
 }
 
 impl Instruments {
@@ -41,6 +43,11 @@ impl Instruments {
                 .u64_gauge("aggregator_window_samples")
                 .with_description("Samples held for rolling windows")
                 .build(),
+            bytes: m
+                .u64_gauge("aggregator_state_bytes")
+                .with_description("Estimated bytes of series, label sets and window samples (see --max-bytes)")
+                .with_unit("By")
+                .build(),
         }
     }
 }
@@ -50,12 +57,19 @@ impl Instruments {
 pub struct Fleet {
     store: RwLock<Store>,
     windows: RwLock<Windows>,
+    rates: Mutex<RateLimiter>,
     instruments: Instruments,
 }
 
 impl Fleet {
-    pub fn new(settings: Settings) -> Self {
-        Self { store: RwLock::new(Store::new(settings)), windows: RwLock::default(), instruments: Instruments::new() }
+    /// `push_rate`: pushes per second allowed per source.
+    pub fn new(settings: Settings, push_rate: f64) -> Self {
+        Self {
+            store: RwLock::new(Store::new(settings)),
+            windows: RwLock::default(),
+            rates: Mutex::new(RateLimiter::new(push_rate)),
+            instruments: Instruments::new(),
+        }
     }
 
     fn store(&self) -> RwLockReadGuard<'_, Store> {
@@ -67,9 +81,34 @@ impl Fleet {
     }
 
     /// Decodes and applies one OTLP request (blocking: run it off the runtime).
+    /// A source over its push rate has every point of the push rejected.
     pub fn export(&self, request: ExportMetricsServiceRequest) -> Outcome {
-        let (pushes, mut outcome) = otlp::decode(request);
         let now = now_ms();
+        let (pushes, mut outcome) = otlp::decode(request, now);
+        let pushes: Vec<_> = {
+            let mut rates = self.rates.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let rate = rates.per_second();
+            pushes
+                .into_iter()
+                .filter(|push| {
+                    let allowed = rates.allow(&push.source, now);
+                    if !allowed {
+                        for metric in &push.metrics {
+                            outcome.reject(
+                                &metric.name,
+                                || {
+                                    format!(
+                                        "push rate limit reached ({rate} pushes/s per source, --max-source-push-rate)"
+                                    )
+                                },
+                                metric.points.len() as u64,
+                            );
+                        }
+                    }
+                    allowed
+                })
+                .collect()
+        };
         {
             let mut store = self.store_mut();
             for push in pushes {
@@ -111,11 +150,20 @@ impl Fleet {
             let store = self.store();
             (store.additive_per_service(), store.total_series(), store.source_count())
         };
-        let mut windows = self.windows.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        windows.record(now, samples);
+        let (window_samples, window_bytes) = {
+            let mut windows = self.windows.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            windows.record(now, samples);
+            (windows.samples(), windows.bytes())
+        };
+        let bytes = {
+            let mut store = self.store_mut();
+            store.set_window_bytes(window_bytes);
+            store.bytes()
+        };
         self.instruments.series.record(series as u64, &[]);
         self.instruments.sources.record(sources as u64, &[]);
-        self.instruments.window_samples.record(windows.samples() as u64, &[]);
+        self.instruments.window_samples.record(window_samples as u64, &[]);
+        self.instruments.bytes.record(bytes as u64, &[]);
         forgotten
     }
 
@@ -154,5 +202,14 @@ impl Fleet {
 
     pub fn retention_ms(&self) -> u64 {
         self.store().settings().retention_ms
+    }
+
+    pub fn limits(&self) -> crate::store::Limits {
+        self.store().settings().limits
+    }
+
+    /// Estimated bytes held (see [`Store::bytes`]).
+    pub fn bytes(&self) -> usize {
+        self.store().bytes()
     }
 }

@@ -3,17 +3,23 @@
 //! per metric and rejects a point with other bounds, naming the metric.
 
 use std::cmp::Ordering;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::merge::Additive;
 
+/// Most bucket bounds of one histogram (OpenTelemetry's default has 15).
+pub const MAX_BOUNDS: usize = 256;
+
 /// A cumulative or delta histogram point. `counts` has one more entry than
 /// `bounds` (the last bucket is `(last bound, +Inf)`); bucket `i` holds the
-/// points in `(bounds[i-1], bounds[i]]`.
+/// points in `(bounds[i-1], bounds[i]]`. Bounds are shared: every point of
+/// a metric points at the metric's one copy (see [`Histogram::share_bounds`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Histogram {
-    pub bounds: Vec<f64>,
+    #[serde(with = "shared_floats")]
+    pub bounds: Arc<[f64]>,
     pub counts: Vec<u64>,
     pub count: u64,
     pub sum: f64,
@@ -30,6 +36,23 @@ pub enum HistogramError {
     Count { buckets: u64, count: u64 },
     #[error("the sum is not a finite number")]
     Sum,
+    #[error("{0} bucket bounds, more than {MAX_BOUNDS}")]
+    TooManyBounds(usize),
+}
+
+/// Serde for `Arc<[f64]>` as a plain list (without serde's `rc` feature).
+mod shared_floats {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Arc<[f64]>, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(value.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Arc<[f64]>, D::Error> {
+        Vec::<f64>::deserialize(deserializer).map(Arc::from)
+    }
 }
 
 impl Histogram {
@@ -42,6 +65,30 @@ impl Histogram {
     pub fn new(bounds: Vec<f64>, mut counts: Vec<u64>, count: u64, sum: f64) -> Result<Self, HistogramError> {
         if bounds.is_empty() && counts.is_empty() {
             counts.push(count);
+        }
+        Self::validate(&bounds, &counts, count, sum)?;
+        Ok(Self { bounds: bounds.into(), counts, count, sum })
+    }
+
+    /// Checks a point that did not come through [`Histogram::new`] (a checkpoint).
+    ///
+    /// # Errors
+    ///
+    /// The first invariant that does not hold.
+    pub fn check(&self) -> Result<(), HistogramError> {
+        Self::validate(&self.bounds, &self.counts, self.count, self.sum)
+    }
+
+    /// This point with `bounds` (equal to its own) shared instead of its copy.
+    pub fn share_bounds(&mut self, bounds: &Arc<[f64]>) {
+        if !Arc::ptr_eq(&self.bounds, bounds) && *self.bounds == **bounds {
+            self.bounds = bounds.clone();
+        }
+    }
+
+    fn validate(bounds: &[f64], counts: &[u64], count: u64, sum: f64) -> Result<(), HistogramError> {
+        if bounds.len() > MAX_BOUNDS {
+            return Err(HistogramError::TooManyBounds(bounds.len()));
         }
         if counts.len() != bounds.len() + 1 {
             return Err(HistogramError::Shape { buckets: counts.len(), bounds: bounds.len() });
@@ -56,7 +103,7 @@ impl Histogram {
         if !sum.is_finite() {
             return Err(HistogramError::Sum);
         }
-        Ok(Self { bounds, counts, count, sum })
+        Ok(())
     }
 
     pub fn zero_like(&self) -> Self {
@@ -64,7 +111,7 @@ impl Histogram {
     }
 
     pub fn same_bounds(&self, other: &Histogram) -> bool {
-        self.bounds.len() == other.bounds.len() && self.bounds.iter().zip(&other.bounds).all(|(a, b)| a == b)
+        Arc::ptr_eq(&self.bounds, &other.bounds) || *self.bounds == *other.bounds
     }
 
     /// The bucket-wise difference (saturating at zero): the points observed
@@ -74,8 +121,8 @@ impl Histogram {
             return self.clone();
         }
         let counts: Vec<u64> = self.counts.iter().zip(&baseline.counts).map(|(a, b)| a.saturating_sub(*b)).collect();
-        let count = counts.iter().sum();
-        let sum = if count > 0 { self.sum - baseline.sum } else { 0.0 };
+        let count = counts.iter().fold(0u64, |a, c| a.saturating_add(*c));
+        let sum = if count > 0 { crate::merge::finite(self.sum - baseline.sum) } else { 0.0 };
         Histogram { bounds: self.bounds.clone(), counts, count, sum }
     }
 
@@ -90,7 +137,7 @@ impl Histogram {
         let rank = q * self.count as f64;
         let mut below = 0u64;
         for (i, &c) in self.counts.iter().enumerate() {
-            let cumulative = below + c;
+            let cumulative = below.saturating_add(c);
             if c > 0 && cumulative as f64 >= rank {
                 let Some(&upper) = self.bounds.get(i) else {
                     return self.bounds.last().copied().or(Some(self.sum / self.count as f64));
@@ -104,8 +151,9 @@ impl Histogram {
         self.bounds.last().copied()
     }
 
+    /// Heap bytes of the counts (the bounds are shared per metric).
     pub fn heap_bytes(&self) -> usize {
-        self.bounds.len() * 8 + self.counts.len() * 8
+        self.counts.len() * 8
     }
 }
 
@@ -120,7 +168,15 @@ impl Additive for Histogram {
             *a = a.saturating_add(*b);
         }
         self.count = self.count.saturating_add(other.count);
-        self.sum += other.sum;
+        self.sum = crate::merge::finite(self.sum + other.sum);
+    }
+
+    fn check(&self) -> Result<(), String> {
+        Histogram::check(self).map_err(|e| e.to_string())
+    }
+
+    fn heap_bytes(&self) -> usize {
+        Histogram::heap_bytes(self)
     }
 
     fn rank(&self, other: &Self) -> Ordering {
@@ -131,7 +187,7 @@ impl Additive for Histogram {
             .then_with(|| {
                 self.bounds
                     .iter()
-                    .zip(&other.bounds)
+                    .zip(other.bounds.iter())
                     .map(|(a, b)| a.total_cmp(b))
                     .find(|o| o.is_ne())
                     .unwrap_or(self.bounds.len().cmp(&other.bounds.len()))
@@ -154,6 +210,8 @@ mod tests {
         assert_eq!(Histogram::new(vec![2.0, 1.0], vec![0, 0, 0], 0, 0.0), Err(HistogramError::Bounds));
         assert_eq!(Histogram::new(vec![1.0], vec![1, 1], 3, 0.0), Err(HistogramError::Count { buckets: 2, count: 3 }));
         assert!(Histogram::new(vec![], vec![], 5, 2.0).is_ok());
+        let many: Vec<f64> = (0..100_000).map(f64::from).collect();
+        assert_eq!(Histogram::new(many, vec![0; 100_001], 0, 0.0), Err(HistogramError::TooManyBounds(100_000)));
     }
 
     #[test]

@@ -19,12 +19,15 @@ pub mod checkpoint;
 pub mod config;
 pub mod exponential;
 pub mod fleet;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod histogram;
 mod ingest;
 pub mod merge;
 pub mod otlp;
 pub mod prometheus;
 mod query;
+pub mod rate;
 pub mod series;
 mod server;
 pub mod source;
@@ -34,6 +37,6 @@ pub mod window;
 #[cfg(test)]
 mod properties;
 
-pub use config::Config;
+pub use config::{Config, ConfigError};
 pub use query::QueryError;
 pub use server::{Aggregator, OTLP_SERVICE_NAME, RunError, StartError};

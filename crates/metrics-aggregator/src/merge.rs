@@ -22,6 +22,13 @@ use crate::exponential::ExpHistogram;
 use crate::histogram::Histogram;
 use crate::series::Kind;
 
+/// `x` kept finite: a sum of finite values that would reach ±∞ stays at
+/// ±`f64::MAX` (so rates, differences and JSON stay numbers), and NaN (only
+/// ∞ − ∞ makes one) is 0. Every float the merge core adds goes through it.
+pub fn finite(x: f64) -> f64 {
+    if x.is_nan() { 0.0 } else { x.clamp(-f64::MAX, f64::MAX) }
+}
+
 /// A value that adds up across sources and across delta points.
 pub trait Additive: Clone + PartialEq + Debug {
     /// Adds `other` into `self`.
@@ -30,14 +37,28 @@ pub trait Additive: Clone + PartialEq + Debug {
     /// stamped with the same time (so joins do not depend on arrival order),
     /// and to detect a reset when a run has no start time.
     fn rank(&self, other: &Self) -> Ordering;
+    /// Whether a point that did not come through the decoder (a checkpoint)
+    /// holds the decoder's invariants.
+    ///
+    /// # Errors
+    ///
+    /// What is wrong, in words.
+    fn check(&self) -> Result<(), String>;
+    /// Heap bytes beyond the value itself (for the byte budget).
+    fn heap_bytes(&self) -> usize {
+        0
+    }
 }
 
 impl Additive for f64 {
     fn add(&mut self, other: &Self) {
-        *self += *other;
+        *self = finite(*self + *other);
     }
     fn rank(&self, other: &Self) -> Ordering {
         self.total_cmp(other)
+    }
+    fn check(&self) -> Result<(), String> {
+        if self.is_finite() { Ok(()) } else { Err(format!("value {self} is not a finite number")) }
     }
 }
 
@@ -53,10 +74,13 @@ pub struct CountSum {
 impl Additive for CountSum {
     fn add(&mut self, other: &Self) {
         self.count = self.count.saturating_add(other.count);
-        self.sum += other.sum;
+        self.sum = finite(self.sum + other.sum);
     }
     fn rank(&self, other: &Self) -> Ordering {
         self.count.cmp(&other.count).then(self.sum.total_cmp(&other.sum))
+    }
+    fn check(&self) -> Result<(), String> {
+        self.sum.check()
     }
 }
 
@@ -125,7 +149,7 @@ impl Level {
                 }
                 return;
             }
-            Policy::Sum => self.value += other.value,
+            Policy::Sum => self.value = finite(self.value + other.value),
             Policy::Min => {
                 if other.value.total_cmp(&self.value).is_lt() {
                     self.value = other.value;
@@ -189,12 +213,12 @@ impl Merged {
     /// values); never negative for counters and histogram buckets.
     pub fn increase_since(&self, baseline: &Merged) -> Merged {
         match (self, baseline) {
-            (Merged::Counter(a), Merged::Counter(b)) => Merged::Counter((a - b).max(0.0)),
+            (Merged::Counter(a), Merged::Counter(b)) => Merged::Counter(finite(a - b).max(0.0)),
             (Merged::Histogram(a), Merged::Histogram(b)) => Merged::Histogram(a.increase_since(b)),
             (Merged::Exponential(a), Merged::Exponential(b)) => Merged::Exponential(a.increase_since(b)),
             (Merged::Summary(a), Merged::Summary(b)) => Merged::Summary(CountSum {
                 count: a.count.saturating_sub(b.count),
-                sum: if a.count > b.count { a.sum - b.sum } else { 0.0 },
+                sum: if a.count > b.count { finite(a.sum - b.sum) } else { 0.0 },
             }),
             (current, _) => current.clone(),
         }
@@ -240,6 +264,21 @@ mod tests {
         assert_eq!(run(Policy::Max), 3.0);
         assert_eq!(Policy::parse("MAX"), Some(Policy::Max));
         assert_eq!(Policy::parse("avg"), None);
+    }
+
+    #[test]
+    fn sums_near_the_float_limit_stay_finite() {
+        let mut a = f64::MAX;
+        a.add(&f64::MAX);
+        assert_eq!(a, f64::MAX);
+        let mut level = Level { time: 1, value: -f64::MAX };
+        level.combine(&Level { time: 2, value: -f64::MAX }, Policy::Sum);
+        assert_eq!(level.value, -f64::MAX);
+        let mut s = CountSum { count: u64::MAX, sum: f64::MAX };
+        s.add(&CountSum { count: 5, sum: f64::MAX });
+        assert_eq!((s.count, s.sum), (u64::MAX, f64::MAX));
+        assert_eq!(Merged::Counter(f64::MAX).increase_since(&Merged::Counter(-f64::MAX)), Merged::Counter(f64::MAX));
+        assert_eq!(finite(f64::INFINITY - f64::INFINITY), 0.0);
     }
 
     #[test]

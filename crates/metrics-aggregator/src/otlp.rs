@@ -6,8 +6,11 @@
 //! `default`). A resource without `service.name` is rejected. A malformed
 //! point (no value, a NaN, a negative counter increment, histogram buckets
 //! that do not add up, an unknown temporality, no timestamp, too many or too
-//! long labels) is rejected and named; the rest of the push is kept. Points
-//! flagged "no recorded value" are skipped silently, as the spec asks.
+//! long labels, a time more than [`MAX_FUTURE_SKEW_MS`] ahead of the
+//! aggregator's clock, a start after the time) is rejected and named; the
+//! rest of the push is kept. Points flagged "no recorded value" are skipped
+//! silently, as the spec asks. A resource whose every point is rejected (or
+//! that has none) creates no source: see [`crate::store`].
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
@@ -21,7 +24,7 @@ use crate::histogram::Histogram;
 use crate::merge::CountSum;
 use crate::series::{Kind, Labels};
 use crate::source::SourceId;
-use crate::store::{MAX_LABEL_LEN, MAX_LABELS, MetricPush, Outcome, Point, SourcePush, Value};
+use crate::store::{MAX_FUTURE_SKEW_MS, MAX_LABEL_LEN, MAX_LABELS, MetricPush, Outcome, Point, SourcePush, Value};
 
 /// Data points in a request (for accounting).
 pub fn count_points(request: &ExportMetricsServiceRequest) -> u64 {
@@ -39,8 +42,11 @@ fn metric_points(metric: &Metric) -> u64 {
     }) as u64
 }
 
-/// Decodes a request into one push per source, and the rejected points.
-pub fn decode(request: ExportMetricsServiceRequest) -> (Vec<SourcePush>, Outcome) {
+/// Decodes a request into one push per source, and the rejected points;
+/// `now_ms` is the aggregator's clock (points later than it by more than
+/// [`MAX_FUTURE_SKEW_MS`] are rejected).
+pub fn decode(request: ExportMetricsServiceRequest, now_ms: u64) -> (Vec<SourcePush>, Outcome) {
+    let clock = Clock { max_time: now_ms.saturating_add(MAX_FUTURE_SKEW_MS).saturating_mul(1_000_000) };
     let mut outcome = Outcome::default();
     let mut pushes = Vec::with_capacity(request.resource_metrics.len());
     for resource_metrics in request.resource_metrics {
@@ -57,7 +63,7 @@ pub fn decode(request: ExportMetricsServiceRequest) -> (Vec<SourcePush>, Outcome
         };
         let mut metrics = Vec::new();
         for metric in resource_metrics.scope_metrics.into_iter().flat_map(|s| s.metrics) {
-            if let Some(push) = decode_metric(metric, &mut outcome) {
+            if let Some(push) = decode_metric(metric, clock, &mut outcome) {
                 metrics.push(push);
             }
         }
@@ -136,7 +142,13 @@ fn temporality(raw: i32) -> Result<bool, String> {
     }
 }
 
-fn decode_metric(metric: Metric, outcome: &mut Outcome) -> Option<MetricPush> {
+/// The latest time accepted, ns.
+#[derive(Clone, Copy)]
+struct Clock {
+    max_time: u64,
+}
+
+fn decode_metric(metric: Metric, clock: Clock, outcome: &mut Outcome) -> Option<MetricPush> {
     let Metric { name, description, unit, data, .. } = metric;
     let total = |data: &metric::Data| match data {
         metric::Data::Gauge(g) => g.data_points.len(),
@@ -155,11 +167,15 @@ fn decode_metric(metric: Metric, outcome: &mut Outcome) -> Option<MetricPush> {
         return None;
     };
     let (kind, results): (Kind, Vec<Result<Option<Point>, String>>) = match data {
-        metric::Data::Gauge(g) => (Kind::Gauge, g.data_points.into_iter().map(|p| number(p, false, false)).collect()),
+        metric::Data::Gauge(g) => {
+            (Kind::Gauge, g.data_points.into_iter().map(|p| number(p, false, false, clock)).collect())
+        }
         metric::Data::Sum(s) => {
             let kind = if s.is_monotonic { Kind::Counter } else { Kind::UpDownCounter };
             match temporality(s.aggregation_temporality) {
-                Ok(delta) => (kind, s.data_points.into_iter().map(|p| number(p, delta, s.is_monotonic)).collect()),
+                Ok(delta) => {
+                    (kind, s.data_points.into_iter().map(|p| number(p, delta, s.is_monotonic, clock)).collect())
+                }
                 Err(why) => {
                     outcome.reject(&name, || why, s.data_points.len() as u64);
                     return None;
@@ -167,7 +183,7 @@ fn decode_metric(metric: Metric, outcome: &mut Outcome) -> Option<MetricPush> {
             }
         }
         metric::Data::Histogram(h) => match temporality(h.aggregation_temporality) {
-            Ok(delta) => (Kind::Histogram, h.data_points.into_iter().map(|p| histogram(p, delta)).collect()),
+            Ok(delta) => (Kind::Histogram, h.data_points.into_iter().map(|p| histogram(p, delta, clock)).collect()),
             Err(why) => {
                 outcome.reject(&name, || why, h.data_points.len() as u64);
                 return None;
@@ -175,7 +191,7 @@ fn decode_metric(metric: Metric, outcome: &mut Outcome) -> Option<MetricPush> {
         },
         metric::Data::ExponentialHistogram(e) => match temporality(e.aggregation_temporality) {
             Ok(delta) => {
-                (Kind::ExponentialHistogram, e.data_points.into_iter().map(|p| exponential(p, delta)).collect())
+                (Kind::ExponentialHistogram, e.data_points.into_iter().map(|p| exponential(p, delta, clock)).collect())
             }
             Err(why) => {
                 outcome.reject(&name, || why, e.data_points.len() as u64);
@@ -183,7 +199,7 @@ fn decode_metric(metric: Metric, outcome: &mut Outcome) -> Option<MetricPush> {
             }
         },
         // Summaries are cumulative by definition.
-        metric::Data::Summary(s) => (Kind::Summary, s.data_points.into_iter().map(summary).collect()),
+        metric::Data::Summary(s) => (Kind::Summary, s.data_points.into_iter().map(|p| summary(p, clock)).collect()),
     };
     let mut points = Vec::with_capacity(results.len());
     for result in results {
@@ -196,18 +212,25 @@ fn decode_metric(metric: Metric, outcome: &mut Outcome) -> Option<MetricPush> {
     Some(MetricPush { name, description: truncate(description), unit: truncate(unit), kind, points })
 }
 
-fn times(start: u64, time: u64) -> Result<(u64, u64), String> {
+fn times(start: u64, time: u64, clock: Clock) -> Result<(u64, u64), String> {
     if time == 0 {
         return Err("time_unix_nano is 0".into());
+    }
+    if time > clock.max_time {
+        let skew = MAX_FUTURE_SKEW_MS / 1000;
+        return Err(format!("time_unix_nano {time} is more than {skew} s ahead of the aggregator's clock"));
+    }
+    if start > time {
+        return Err(format!("start_time_unix_nano {start} is after time_unix_nano {time}"));
     }
     Ok((start, time))
 }
 
-fn number(p: NumberDataPoint, delta: bool, monotonic: bool) -> Result<Option<Point>, String> {
+fn number(p: NumberDataPoint, delta: bool, monotonic: bool, clock: Clock) -> Result<Option<Point>, String> {
     if no_recorded_value(p.flags) {
         return Ok(None);
     }
-    let (start, time) = times(p.start_time_unix_nano, p.time_unix_nano)?;
+    let (start, time) = times(p.start_time_unix_nano, p.time_unix_nano, clock)?;
     let value = match p.value {
         Some(number_data_point::Value::AsDouble(v)) => v,
         Some(number_data_point::Value::AsInt(v)) => v as f64,
@@ -222,21 +245,21 @@ fn number(p: NumberDataPoint, delta: bool, monotonic: bool) -> Result<Option<Poi
     Ok(Some(Point { labels: labels(p.attributes)?, start, time, delta, value: Value::Number(value) }))
 }
 
-fn histogram(p: HistogramDataPoint, delta: bool) -> Result<Option<Point>, String> {
+fn histogram(p: HistogramDataPoint, delta: bool, clock: Clock) -> Result<Option<Point>, String> {
     if no_recorded_value(p.flags) {
         return Ok(None);
     }
-    let (start, time) = times(p.start_time_unix_nano, p.time_unix_nano)?;
+    let (start, time) = times(p.start_time_unix_nano, p.time_unix_nano, clock)?;
     let h =
         Histogram::new(p.explicit_bounds, p.bucket_counts, p.count, p.sum.unwrap_or(0.0)).map_err(|e| e.to_string())?;
     Ok(Some(Point { labels: labels(p.attributes)?, start, time, delta, value: Value::Histogram(h) }))
 }
 
-fn exponential(p: ExponentialHistogramDataPoint, delta: bool) -> Result<Option<Point>, String> {
+fn exponential(p: ExponentialHistogramDataPoint, delta: bool, clock: Clock) -> Result<Option<Point>, String> {
     if no_recorded_value(p.flags) {
         return Ok(None);
     }
-    let (start, time) = times(p.start_time_unix_nano, p.time_unix_nano)?;
+    let (start, time) = times(p.start_time_unix_nano, p.time_unix_nano, clock)?;
     let buckets = |b: Option<exponential_histogram_data_point::Buckets>| {
         b.map(|b| Buckets { offset: b.offset, counts: b.bucket_counts }).unwrap_or_default()
     };
@@ -253,11 +276,11 @@ fn exponential(p: ExponentialHistogramDataPoint, delta: bool) -> Result<Option<P
     Ok(Some(Point { labels: labels(p.attributes)?, start, time, delta, value: Value::Exponential(e) }))
 }
 
-fn summary(p: SummaryDataPoint) -> Result<Option<Point>, String> {
+fn summary(p: SummaryDataPoint, clock: Clock) -> Result<Option<Point>, String> {
     if no_recorded_value(p.flags) {
         return Ok(None);
     }
-    let (start, time) = times(p.start_time_unix_nano, p.time_unix_nano)?;
+    let (start, time) = times(p.start_time_unix_nano, p.time_unix_nano, clock)?;
     if !p.sum.is_finite() {
         return Err("the sum is not a finite number".into());
     }
@@ -271,6 +294,8 @@ mod tests {
     use opentelemetry_proto::tonic::resource::v1::Resource;
 
     use super::*;
+
+    const NOW_MS: u64 = 1_800_000_000_000;
 
     fn kv(key: &str, value: &str) -> KeyValue {
         KeyValue {
@@ -311,7 +336,7 @@ mod tests {
             vec![kv("service.name", "gw"), kv("service.instance.id", "pod-1")],
             vec![point(Some(number_data_point::Value::AsInt(3)), 5)],
         );
-        let (pushes, outcome) = decode(req);
+        let (pushes, outcome) = decode(req, NOW_MS);
         assert_eq!(outcome, Outcome::default());
         assert_eq!(pushes[0].source, SourceId::new("gw", "pod-1"));
         assert_eq!(pushes[0].metrics[0].kind, Kind::Counter);
@@ -330,7 +355,7 @@ mod tests {
                 point(Some(number_data_point::Value::AsDouble(2.0)), 5),
             ],
         );
-        let (pushes, outcome) = decode(req);
+        let (pushes, outcome) = decode(req, NOW_MS);
         assert_eq!(outcome.rejected, 4);
         assert!(outcome.message().starts_with("metric `requests`: malformed point"), "{}", outcome.message());
         assert_eq!(pushes[0].source, SourceId::new("gw", "default"));
@@ -338,9 +363,33 @@ mod tests {
     }
 
     #[test]
+    fn points_from_the_future_are_rejected_within_the_skew_bound() {
+        let now_ns = NOW_MS * 1_000_000;
+        let skew_ns = MAX_FUTURE_SKEW_MS * 1_000_000;
+        let req = request(
+            vec![kv("service.name", "gw")],
+            vec![
+                point(Some(number_data_point::Value::AsInt(1)), u64::MAX),
+                point(Some(number_data_point::Value::AsInt(1)), now_ns + skew_ns + 1),
+                point(Some(number_data_point::Value::AsInt(1)), now_ns + skew_ns),
+                NumberDataPoint {
+                    start_time_unix_nano: now_ns,
+                    time_unix_nano: now_ns - 1,
+                    value: Some(number_data_point::Value::AsInt(1)),
+                    ..Default::default()
+                },
+            ],
+        );
+        let (pushes, outcome) = decode(req, NOW_MS);
+        assert_eq!(outcome.rejected, 3, "{}", outcome.message());
+        assert!(outcome.message().contains("ahead of the aggregator's clock"), "{}", outcome.message());
+        assert_eq!(pushes[0].metrics[0].points.len(), 1);
+    }
+
+    #[test]
     fn a_resource_without_a_service_name_is_rejected() {
         let req = request(vec![], vec![point(Some(number_data_point::Value::AsInt(3)), 5)]);
-        let (pushes, outcome) = decode(req);
+        let (pushes, outcome) = decode(req, NOW_MS);
         assert!(pushes.is_empty());
         assert_eq!(outcome.rejected, 1);
         assert!(outcome.message().contains("service.name"));

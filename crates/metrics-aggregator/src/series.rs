@@ -1,12 +1,37 @@
 //! What a series is: a metric name plus a label set, and the kinds of metric
 //! the aggregator merges.
 
-use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A label set, sorted by key, one value per key. Built only through
-/// [`Labels::new`], so two equal sets always compare equal.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Labels(Vec<(String, String)>);
+/// [`Labels::new`], so two equal sets always compare equal. Cloning shares
+/// the pairs: the store, the metric index and the windows hold one copy.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Labels(Arc<[(String, String)]>);
+
+static EMPTY: std::sync::LazyLock<Arc<[(String, String)]>> = std::sync::LazyLock::new(|| Arc::from(Vec::new()));
+
+impl Default for Labels {
+    /// The empty set, one shared copy (fleet-wide groups build many).
+    fn default() -> Self {
+        Self(EMPTY.clone())
+    }
+}
+
+impl Serialize for Labels {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Labels {
+    /// Sorted and de-duplicated again: a checkpoint is input too.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Vec::<(String, String)>::deserialize(deserializer).map(Self::new)
+    }
+}
 
 impl Labels {
     /// Sorts by key; for a repeated key the last value wins.
@@ -14,7 +39,12 @@ impl Labels {
         pairs.reverse();
         pairs.sort_by(|a, b| a.0.cmp(&b.0));
         pairs.dedup_by(|later, earlier| later.0 == earlier.0);
-        Self(pairs)
+        Self(pairs.into())
+    }
+
+    /// Whether both are the same shared copy (not only equal).
+    pub fn shares(&self, other: &Labels) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -40,12 +70,15 @@ impl Labels {
 
     /// Only the labels named in `keep`.
     pub fn project(&self, keep: &[String]) -> Self {
+        if keep.is_empty() {
+            return Self::default();
+        }
         Self(self.0.iter().filter(|(k, _)| keep.iter().any(|w| w == k)).cloned().collect())
     }
 
-    /// Approximate heap size, for memory accounting.
+    /// Approximate heap size of the one shared copy, for memory accounting.
     pub fn heap_bytes(&self) -> usize {
-        self.0.iter().map(|(k, v)| k.len() + v.len() + 48).sum()
+        16 + self.0.iter().map(|(k, v)| k.len() + v.len() + 48).sum::<usize>()
     }
 }
 

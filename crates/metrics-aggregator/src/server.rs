@@ -8,16 +8,16 @@ use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
 use shoal_proto::aggregator::v1::aggregator_service_server::{AggregatorServiceServer, SERVICE_NAME};
-use shoal_telemetry::admin::{self, Readiness};
+use shoal_service::admin::{self, Readiness};
+use shoal_service::{DrainSettings, GrpcServer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tonic_health::ServingStatus;
 
 use crate::Config;
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::fleet::{Fleet, now_ms};
-use crate::ingest::IngestService;
+use crate::ingest::{IngestGuard, IngestService};
 use crate::query::QueryService;
 
 /// The OTLP metrics service name, as health and reflection know it.
@@ -29,15 +29,17 @@ const REDIS_LOADED: &str = "redis_loaded";
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Bind(#[from] shoal_telemetry::net::BindError),
+    Bind(#[from] shoal_service::net::BindError),
     #[error("cannot use the redis url")]
     Redis(#[source] CheckpointError),
-    #[error("--replica-id must not contain control characters")]
-    ReplicaId,
+    #[error("invalid configuration")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot serve grpc over tls")]
+    Tls(#[from] shoal_tls::TlsError),
 }
 
 /// The service failed while running (shared by every gRPC service).
-pub use shoal_telemetry::grpc::RunError;
+pub use shoal_service::RunError;
 
 /// A bound, not yet serving, aggregator.
 #[derive(Debug)]
@@ -49,6 +51,8 @@ pub struct Aggregator {
     fleet: Arc<Fleet>,
     checkpoint: Option<Checkpoint>,
     replica_id: String,
+    ingest_token: Option<String>,
+    tls: Option<shoal_tls::ServerTls>,
 }
 
 impl Aggregator {
@@ -57,17 +61,22 @@ impl Aggregator {
     ///
     /// # Errors
     ///
-    /// [`StartError::Bind`] when an address is taken or not allowed;
+    /// [`StartError::Config`] when settings contradict each other (checked
+    /// before anything binds); [`StartError::Bind`] when an address is taken
+    /// or not allowed;
     /// [`StartError::Redis`] for an unusable Redis URL.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
-        let grpc = shoal_telemetry::net::bind("grpc", config.grpc_addr).await?;
-        let admin = shoal_telemetry::net::bind("admin", config.admin_addr).await?;
+        config.validate()?;
+        let ingest_token = config.ingest_token()?;
+        let tls = match config.tls.files()? {
+            Some(files) => Some(shoal_tls::ServerTls::load(&files)?.reloading(shoal_tls::RELOAD_INTERVAL)),
+            None => None,
+        };
+        let grpc = shoal_service::net::bind("grpc", config.grpc_addr).await?;
+        let admin = shoal_service::net::bind("admin", config.admin_addr).await?;
         let port = grpc.local_addr().map(|a| a.port()).unwrap_or(config.grpc_addr.port());
         let replica_id =
             config.replica_id.clone().unwrap_or_else(|| format!("{}:{port}", shoal_telemetry::instance_id()));
-        if replica_id.chars().any(char::is_control) {
-            return Err(StartError::ReplicaId);
-        }
         let checkpoint = match &config.redis_url {
             Some(url) => Some(
                 Checkpoint::new(url, &config.redis_prefix, &replica_id, config.redis_timeout)
@@ -75,8 +84,8 @@ impl Aggregator {
             ),
             None => None,
         };
-        let fleet = Arc::new(Fleet::new(config.settings()));
-        Ok(Self { config, grpc, admin, readiness: Readiness::new(), fleet, checkpoint, replica_id })
+        let fleet = Arc::new(Fleet::new(config.settings(), config.max_source_push_rate));
+        Ok(Self { config, grpc, admin, readiness: Readiness::new(), fleet, checkpoint, replica_id, ingest_token, tls })
     }
 
     /// The bound gRPC address.
@@ -98,15 +107,24 @@ impl Aggregator {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
         let grpc_addr = self.grpc_addr();
         let admin_addr = self.admin_addr();
-        let Self { config, grpc, admin, readiness, fleet, checkpoint, replica_id } = self;
-        let aggregator_id = replica_id.clone();
-        let stop = CancellationToken::new();
-
-        let (health, health_service) = tonic_health::server::health_reporter();
-        for name in ["", SERVICE_NAME, OTLP_SERVICE_NAME] {
-            health.set_service_status(name, ServingStatus::NotServing).await;
+        let Self { config, grpc, admin, readiness, fleet, checkpoint, replica_id, ingest_token, tls } = self;
+        let mutual_tls = tls.as_ref().map(shoal_tls::ServerTls::is_mutual);
+        if mutual_tls != Some(true) && ingest_token.is_none() {
+            // Anything that reaches the port can push: fine on a laptop.
+            tracing::warn!("otlp ingestion is open: no --grpc-tls-client-ca and no --ingest-token-file");
         }
-        let (reflection_v1, reflection_v1alpha) = reflection();
+        let aggregator_id = replica_id.clone();
+        let grpc = GrpcServer::new(
+            grpc,
+            readiness.clone(),
+            DrainSettings { delay: config.drain_delay, grace: config.shutdown_grace },
+        )
+        .tls(tls)
+        .health(&[SERVICE_NAME, OTLP_SERVICE_NAME])
+        .descriptors(&[shoal_proto::FILE_DESCRIPTOR_SET, opentelemetry_proto::DESCRIPTORS]);
+        // Watches and the background loops end when the drain delay is over,
+        // so that the drain is not held open by streams.
+        let stop: CancellationToken = grpc.stages().stopping();
 
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let render_fleet = fleet.clone();
@@ -135,41 +153,25 @@ impl Aggregator {
             max_watches: config.max_watches,
             shutdown: stop.clone(),
         };
-        let ingest = MetricsServiceServer::new(IngestService { fleet: fleet.clone() })
-            .max_decoding_message_size(config.max_push_bytes);
-        let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder()
-            .layer(shoal_telemetry::grpc::ServerLayer)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(AggregatorServiceServer::new(query))
-            .add_service(ingest)
-            .serve_with_incoming_shutdown(shoal_telemetry::net::incoming(grpc), async {
-                let _ = grpc_stopped.await;
-            });
-        let mut server = tokio::spawn(server);
-
-        for name in ["", SERVICE_NAME, OTLP_SERVICE_NAME] {
-            health.set_service_status(name, ServingStatus::Serving).await;
-        }
-        readiness.mark_started();
-        tracing::info!(
-            grpc_addr = %grpc_addr,
-            admin_addr = %admin_addr,
-            aggregator_id,
-            redis = checkpoint.is_some(),
-            "listening"
+        let ingest = IngestGuard::new(
+            MetricsServiceServer::new(IngestService { fleet: fleet.clone() })
+                .max_decoding_message_size(config.max_push_bytes),
+            ingest_token.as_deref(),
+            config.max_concurrent_pushes,
         );
-
-        let result = tokio::select! {
-            () = shutdown => {
-                // Watches end now, so that the drain is not held open by streams.
-                stop.cancel();
-                drain(&readiness, &health, stop_grpc, &mut server, config.shutdown_grace).await
-            }
-            finished = &mut server => shoal_telemetry::grpc::server_outcome(finished),
+        let routes = tonic::service::Routes::new(AggregatorServiceServer::new(query)).add_service(ingest);
+        let announce = || {
+            tracing::info!(
+                grpc_addr = %grpc_addr,
+                admin_addr = %admin_addr,
+                aggregator_id,
+                redis = checkpoint.is_some(),
+                grpc_tls = shoal_tls::mode(mutual_tls),
+                ingest_token = ingest_token.is_some(),
+                "listening"
+            );
         };
+        let result = grpc.serve(routes, shutdown, announce).await;
         stop.cancel();
         let _ = sampler.await;
         if let Some(syncer) = syncer {
@@ -192,25 +194,6 @@ impl Aggregator {
         tracing::info!("stopped");
         result.and(admin_result)
     }
-}
-
-/// Reflection over Shoal's protos, health, and the OTLP metrics service.
-fn reflection() -> (
-    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
-    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
-) {
-    let builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(shoal_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(opentelemetry_proto::DESCRIPTORS)
-    };
-    // The descriptors are compiled in and checked by the tests.
-    #[allow(clippy::expect_used)]
-    let v1 = builder().build_v1().expect("compiled-in descriptors are valid");
-    #[allow(clippy::expect_used)]
-    let v1alpha = builder().build_v1alpha().expect("compiled-in descriptors are valid");
-    (v1, v1alpha)
 }
 
 async fn sample_loop(fleet: Arc<Fleet>, every: Duration, stop: CancellationToken) {
@@ -256,13 +239,9 @@ async fn sync_loop(
             tracing::warn!(error = &error as &dyn std::error::Error, "checkpoint failed");
             continue;
         }
-        match checkpoint.load(now_ms(), fleet.retention_ms()).await {
-            Ok(snapshots) => {
-                let fleet = fleet.clone();
-                let joined = tokio::task::spawn_blocking(move || fleet.join(&snapshots)).await;
-                if let Ok(skipped) = joined
-                    && skipped > 0
-                {
+        match load(&checkpoint, &fleet).await {
+            Ok(skipped) => {
+                if skipped > 0 {
                     tracing::warn!(skipped, "series from redis skipped: over the limits or conflicting");
                 }
                 if !loaded {
@@ -276,33 +255,20 @@ async fn sync_loop(
     }
 }
 
-async fn drain(
-    readiness: &Readiness,
-    health: &tonic_health::server::HealthReporter,
-    stop_grpc: tokio::sync::oneshot::Sender<()>,
-    server: &mut tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-    grace: Duration,
-) -> Result<(), RunError> {
-    tracing::info!(grace_ms = grace.as_millis() as u64, "draining");
-    readiness.mark_draining();
-    for name in ["", SERVICE_NAME, OTLP_SERVICE_NAME] {
-        health.set_service_status(name, ServingStatus::NotServing).await;
-    }
-    let _ = stop_grpc.send(());
-    match tokio::time::timeout(grace, &mut *server).await {
-        Ok(finished) => shoal_telemetry::grpc::server_outcome(finished),
-        Err(_) => {
-            tracing::warn!("grace period over, abandoning in-flight calls");
-            server.abort();
-            Ok(())
+/// Reads every replica's state page by page, joining each page before the
+/// next is read; returns the series skipped.
+async fn load(checkpoint: &Checkpoint, fleet: &Arc<Fleet>) -> Result<usize, CheckpointError> {
+    let (now, retention, limits) = (now_ms(), fleet.retention_ms(), fleet.limits());
+    let mut cursor = 0;
+    let mut skipped = 0;
+    for _ in 0..crate::checkpoint::MAX_SCAN_STEPS {
+        let (next, page) = checkpoint.load_page(cursor, now, retention, limits).await?;
+        let fleet = fleet.clone();
+        skipped += tokio::task::spawn_blocking(move || fleet.join(&page)).await.map_err(|_| CheckpointError::Task)?;
+        cursor = next;
+        if cursor == 0 {
+            break;
         }
     }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn reflection_accepts_every_descriptor_set() {
-        let _ = super::reflection();
-    }
+    Ok(skipped)
 }

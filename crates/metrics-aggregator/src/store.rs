@@ -2,24 +2,39 @@
 //! the queries over them. Pure (time is passed in), no I/O, no locks: the
 //! service wraps one [`Store`] in a lock.
 //!
+//! Series are indexed by metric (metric → source → label set), so a query
+//! reads only the series of its metric.
+//!
 //! Bounds, all checked before anything is allocated for a new series:
 //! - `max_series_per_metric`: distinct label sets of one metric, fleet-wide;
 //! - `max_series`: series held overall, counted per source;
 //! - `max_sources`: sources held;
+//! - `max_bytes`: the estimated bytes of every series, label set and window
+//!   sample held (see [`Store::bytes`]);
 //! - per point: at most [`MAX_LABELS`] labels, names and values of at most
-//!   [`MAX_LABEL_LEN`] bytes (checked when decoding).
+//!   [`MAX_LABEL_LEN`] bytes, at most [`crate::histogram::MAX_BOUNDS`]
+//!   bounds, no time later than [`MAX_FUTURE_SKEW_MS`] ahead (checked when
+//!   decoding, and again for checkpoints).
 //!
 //! A point over a bound is rejected and named in the [`Outcome`]; the rest of
-//! the push is applied.
+//! the push is applied. A source is created by its first accepted point, so
+//! empty or fully rejected resources hold nothing.
+//!
+//! A metric's kind and histogram bounds are those of the sources that hold
+//! it. A point of another kind or with other bounds is rejected while any
+//! *other* source holding the metric is up; once every such source is down
+//! (past `--source-ttl`: the old pods of a rollout are gone), the new kind or
+//! bounds take the metric over and the old series are dropped.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::accum::{Accum, Applied};
+use crate::accum::{Accum, Applied, FoldOrder};
 use crate::exponential::ExpHistogram;
 use crate::histogram::Histogram;
-use crate::merge::{CountSum, Level, Merged, Policy};
+use crate::merge::{Additive, CountSum, Level, Merged, Policy};
 use crate::series::{Kind, Labels};
 use crate::source::SourceId;
 
@@ -27,15 +42,23 @@ use crate::source::SourceId;
 pub const MAX_LABELS: usize = 32;
 /// Longest label name or value, and metric name, in bytes.
 pub const MAX_LABEL_LEN: usize = 256;
+/// How far ahead of the aggregator's clock a point's time may be: 5 minutes.
+/// A later point is rejected (it would freeze a gauge, win `last` fleet-wide
+/// and freeze a cumulative run until that time).
+pub const MAX_FUTURE_SKEW_MS: u64 = 5 * 60_000;
 /// Most distinct error messages reported for one push.
 const MAX_ERRORS: usize = 8;
+/// Bytes of one series beyond its points: map slots, the entry, the key.
+const SERIES_OVERHEAD: usize = 160;
 
-/// Cardinality bounds.
+/// Cardinality and memory bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     pub max_series_per_metric: usize,
     pub max_series: usize,
     pub max_sources: usize,
+    /// Estimated bytes of series, label sets and window samples.
+    pub max_bytes: usize,
 }
 
 /// Everything the store needs to know besides the data.
@@ -77,6 +100,16 @@ pub enum Value {
     Summary(CountSum),
 }
 
+impl Value {
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Value::Histogram(h) => h.heap_bytes(),
+            Value::Exponential(e) => e.heap_bytes(),
+            _ => 0,
+        }
+    }
+}
+
 /// One metric of one push.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MetricPush {
@@ -108,7 +141,7 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn reject(&mut self, metric: &str, reason: impl FnOnce() -> String, points: u64) {
-        self.rejected += points;
+        self.rejected = self.rejected.saturating_add(points);
         if self.errors.contains_key(metric) {
             return;
         }
@@ -129,12 +162,12 @@ impl Outcome {
     }
 
     pub fn absorb(&mut self, other: Outcome) {
-        self.accepted += other.accepted;
-        self.duplicates += other.duplicates;
+        self.accepted = self.accepted.saturating_add(other.accepted);
+        self.duplicates = self.duplicates.saturating_add(other.duplicates);
         for (metric, why) in other.errors {
             self.reject(&metric, || why, 0);
         }
-        self.rejected += other.rejected;
+        self.rejected = self.rejected.saturating_add(other.rejected);
         self.more_errors += other.more_errors;
     }
 }
@@ -143,17 +176,21 @@ impl Outcome {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum SeriesState {
     Counter(Accum<f64>),
-    /// Gauges and up-down counters: the source's current level.
+    /// Gauges and cumulative up-down counters: the source's current level.
     Level(Level),
+    /// Delta up-down counters: every distinct delta once (joined across
+    /// replicas like counters), the level being their sum.
+    DeltaLevel(Accum<f64>),
     Histogram(Accum<Histogram>),
     Exponential(Accum<ExpHistogram>),
     Summary(Accum<CountSum>),
 }
 
 impl SeriesState {
-    fn new(kind: Kind) -> Self {
+    fn new(kind: Kind, delta: bool) -> Self {
         match kind {
             Kind::Counter => Self::Counter(Accum::default()),
+            Kind::UpDownCounter if delta => Self::DeltaLevel(Accum::default()),
             Kind::Gauge | Kind::UpDownCounter => Self::Level(Level { time: 0, value: 0.0 }),
             Kind::Histogram => Self::Histogram(Accum::default()),
             Kind::ExponentialHistogram => Self::Exponential(Accum::default()),
@@ -166,6 +203,7 @@ impl SeriesState {
             (self, kind),
             (Self::Counter(_), Kind::Counter)
                 | (Self::Level(_), Kind::Gauge | Kind::UpDownCounter)
+                | (Self::DeltaLevel(_), Kind::UpDownCounter)
                 | (Self::Histogram(_), Kind::Histogram)
                 | (Self::Exponential(_), Kind::ExponentialHistogram)
                 | (Self::Summary(_), Kind::Summary)
@@ -177,13 +215,141 @@ impl SeriesState {
         match self {
             Self::Counter(a) => a.total().map(Merged::Counter),
             Self::Level(l) => (l.time > 0).then_some(Merged::Level(*l)),
+            Self::DeltaLevel(a) => {
+                let time = a.last_time();
+                a.total().filter(|_| time > 0).map(|value| Merged::Level(Level { time, value }))
+            }
             Self::Histogram(a) => a.total().map(Merged::Histogram),
             Self::Exponential(a) => a.total().map(Merged::Exponential),
             Self::Summary(a) => a.total().map(Merged::Summary),
         }
     }
 
-    fn apply(&mut self, kind: Kind, point: Point) -> Applied {
+    /// Whether the series has a value (see [`SeriesState::value`]).
+    fn has_value(&self) -> bool {
+        match self {
+            Self::Counter(a) | Self::DeltaLevel(a) => a.points_iter().next().is_some(),
+            Self::Level(l) => l.time > 0,
+            Self::Histogram(a) => a.points_iter().next().is_some(),
+            Self::Exponential(a) => a.points_iter().next().is_some(),
+            Self::Summary(a) => a.points_iter().next().is_some(),
+        }
+    }
+
+    /// Combines the source's current value into a group's value, without
+    /// building it first (what instant queries do for every series).
+    fn combine_into(&self, group: &mut Option<Merged>, policy: Policy) {
+        fn add<T: Additive>(
+            a: &Accum<T>,
+            group: &mut Option<Merged>,
+            wrap: fn(T) -> Merged,
+            unwrap: fn(&mut Merged) -> Option<&mut T>,
+        ) {
+            match group.as_mut().and_then(unwrap) {
+                Some(acc) => a.points_iter().for_each(|p| acc.add(p)),
+                None => {
+                    let mut slot = None;
+                    a.add_total_into(&mut slot);
+                    if let Some(total) = slot {
+                        *group = Some(wrap(total));
+                    }
+                }
+            }
+        }
+        match self {
+            Self::Counter(a) => add(a, group, Merged::Counter, |m| match m {
+                Merged::Counter(x) => Some(x),
+                _ => None,
+            }),
+            Self::Histogram(a) => add(a, group, Merged::Histogram, |m| match m {
+                Merged::Histogram(x) => Some(x),
+                _ => None,
+            }),
+            Self::Exponential(a) => add(a, group, Merged::Exponential, |m| match m {
+                Merged::Exponential(x) => Some(x),
+                _ => None,
+            }),
+            Self::Summary(a) => add(a, group, Merged::Summary, |m| match m {
+                Merged::Summary(x) => Some(x),
+                _ => None,
+            }),
+            Self::Level(_) | Self::DeltaLevel(_) => {
+                if let Some(value) = self.value() {
+                    match group {
+                        Some(acc) => acc.combine(&value, policy),
+                        None => *group = Some(value),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The histogram bounds this series uses, if it is a histogram with points.
+    fn bounds(&self) -> Option<Arc<[f64]>> {
+        match self {
+            Self::Histogram(a) => a.points_iter().next().map(|h| h.bounds.clone()),
+            _ => None,
+        }
+    }
+
+    fn share_bounds(&mut self, bounds: &Arc<[f64]>) {
+        if let Self::Histogram(a) = self {
+            a.points_mut().for_each(|h| h.share_bounds(bounds));
+        }
+    }
+
+    /// Checks a state from a checkpoint: every point valid, none later
+    /// than `max_time` (ns), one set of bounds per histogram.
+    ///
+    /// # Errors
+    ///
+    /// What is wrong, in words.
+    pub fn check(&self, max_time: u64) -> Result<(), String> {
+        match self {
+            Self::Counter(a) | Self::DeltaLevel(a) => a.check(max_time),
+            Self::Level(l) => {
+                if l.time > max_time {
+                    return Err("a point is stamped in the future".into());
+                }
+                l.value.check()
+            }
+            Self::Histogram(a) => {
+                a.check(max_time)?;
+                let mut bounds = a.points_iter().map(|h| &h.bounds);
+                let first = bounds.next();
+                if bounds.any(|b| Some(b) != first) {
+                    return Err("histogram points with different bounds".into());
+                }
+                Ok(())
+            }
+            Self::Exponential(a) => a.check(max_time),
+            Self::Summary(a) => a.check(max_time),
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Self::Counter(a) | Self::DeltaLevel(a) => a.heap_bytes(),
+            Self::Level(_) => 0,
+            Self::Histogram(a) => a.heap_bytes(),
+            Self::Exponential(a) => a.heap_bytes(),
+            Self::Summary(a) => a.heap_bytes(),
+        }
+    }
+
+    /// Whether `point` would add a run or delta point (grow the state).
+    fn grows_with(&self, point: &Point) -> bool {
+        let (delta, start, time) = (point.delta, point.start, point.time);
+        match self {
+            Self::Counter(a) | Self::DeltaLevel(a) => a.is_new_key(delta, start, time),
+            Self::Level(_) => false,
+            Self::Histogram(a) => a.is_new_key(delta, start, time),
+            Self::Exponential(a) => a.is_new_key(delta, start, time),
+            Self::Summary(a) => a.is_new_key(delta, start, time),
+        }
+    }
+
+    fn apply(&mut self, point: Point) -> Applied {
         let Point { start, time, delta, value, .. } = point;
         match (self, value) {
             (Self::Counter(a), Value::Number(v)) => {
@@ -193,14 +359,14 @@ impl SeriesState {
                     a.cumulative(start, time, v)
                 }
             }
-            (Self::Level(level), Value::Number(v)) => {
-                if time < level.time || (time == level.time && (delta || v == level.value)) {
+            (Self::Level(level), Value::Number(v)) if !delta => {
+                if time < level.time || (time == level.time && v == level.value) {
                     return Applied::Duplicate;
                 }
-                let value = if delta && kind == Kind::UpDownCounter { level.value + v } else { v };
-                *level = Level { time, value };
+                *level = Level { time, value: v };
                 Applied::Accepted
             }
+            (Self::DeltaLevel(a), Value::Number(v)) if delta => a.delta(time, v),
             (Self::Histogram(a), Value::Histogram(h)) => {
                 if delta {
                     a.delta(time, h)
@@ -222,6 +388,7 @@ impl SeriesState {
                     a.cumulative(start, time, s)
                 }
             }
+            // A temporality that changed within one series: ignored.
             _ => Applied::Late,
         }
     }
@@ -230,6 +397,7 @@ impl SeriesState {
     fn join(&mut self, other: &SeriesState) {
         match (self, other) {
             (Self::Counter(a), Self::Counter(b)) => a.join(b),
+            (Self::DeltaLevel(a), Self::DeltaLevel(b)) => a.join_by(b, FoldOrder::MorePoints),
             (Self::Level(a), Self::Level(b)) if b.is_newer_than(a) => *a = *b,
             (Self::Histogram(a), Self::Histogram(b)) => a.join(b),
             (Self::Exponential(a), Self::Exponential(b)) => a.join(b),
@@ -248,15 +416,23 @@ struct Entry {
     /// aggregator knew it (a long-running source connecting, a restart
     /// without Redis) never shows up as a burst in a window.
     first: Option<Merged>,
+    /// Estimated bytes, kept in step with the store's total.
+    bytes: usize,
 }
 
 impl Entry {
     fn new(state: SeriesState) -> Self {
-        Self { state, first: None }
+        let mut entry = Self { state, first: None, bytes: 0 };
+        entry.bytes = entry.estimate();
+        entry
+    }
+
+    fn estimate(&self) -> usize {
+        SERIES_OVERHEAD + self.state.heap_bytes() + self.first.as_ref().map_or(0, |f| 48 + f.heap_bytes())
     }
 
     fn remember_first(&mut self) {
-        if self.first.is_none() && !matches!(self.state, SeriesState::Level(_)) {
+        if self.first.is_none() && !matches!(self.state, SeriesState::Level(_) | SeriesState::DeltaLevel(_)) {
             self.first = self.state.value();
         }
     }
@@ -271,11 +447,11 @@ impl Entry {
     }
 }
 
-/// A source and its series.
+/// A source: when it last pushed and which metrics it holds series of.
 #[derive(Clone, Debug, Default)]
 struct SourceState {
     last_seen_ms: u64,
-    metrics: HashMap<String, HashMap<Labels, Entry>>,
+    metrics: HashSet<String>,
     series: usize,
 }
 
@@ -286,15 +462,76 @@ pub struct SourceSnapshot {
     pub series: Vec<(String, Kind, Labels, SeriesState)>,
 }
 
+/// Why a snapshot (from Redis) cannot be joined: it breaks a bound that
+/// pushes are held to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{0} series, more than --max-series")]
+    TooManySeries(usize),
+    #[error("last seen in the future")]
+    Future,
+    #[error("metric `{metric}`: {why}")]
+    Series { metric: String, why: String },
+}
+
+impl SourceSnapshot {
+    /// Checks everything a push is checked for, with `now_ms` the clock.
+    ///
+    /// # Errors
+    ///
+    /// The first bound it breaks.
+    pub fn check(&self, limits: &Limits, now_ms: u64) -> Result<(), SnapshotError> {
+        if self.series.len() > limits.max_series {
+            return Err(SnapshotError::TooManySeries(self.series.len()));
+        }
+        let max_ms = now_ms.saturating_add(MAX_FUTURE_SKEW_MS);
+        if self.last_seen_ms > max_ms {
+            return Err(SnapshotError::Future);
+        }
+        let max_time = max_ms.saturating_mul(1_000_000);
+        for (metric, kind, labels, state) in &self.series {
+            let fail = |why: String| SnapshotError::Series { metric: metric.chars().take(64).collect(), why };
+            if metric.is_empty() || metric.len() > MAX_LABEL_LEN {
+                return Err(fail("a metric name must have 1 to 256 bytes".into()));
+            }
+            if labels.len() > MAX_LABELS
+                || labels.iter().any(|(k, v)| k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN)
+            {
+                return Err(fail("labels over the bounds".into()));
+            }
+            if !state.kind_matches(*kind) {
+                return Err(fail(format!("state does not match the kind {}", kind.name())));
+            }
+            state.check(max_time).map_err(fail)?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug)]
 struct MetricInfo {
     kind: Kind,
     description: String,
     unit: String,
-    /// Histograms: the bounds every source must use.
-    bounds: Option<Vec<f64>>,
+    /// Histograms: the bounds every source must use (one shared copy).
+    bounds: Option<Arc<[f64]>>,
     /// Distinct label sets fleet-wide → how many sources hold each.
     label_sets: HashMap<Labels, u32>,
+    /// The index: source → its series of this metric.
+    series: HashMap<SourceId, HashMap<Labels, Entry>>,
+}
+
+impl MetricInfo {
+    fn new(kind: Kind, description: &str, unit: &str) -> Self {
+        Self {
+            kind,
+            description: description.to_owned(),
+            unit: unit.to_owned(),
+            bounds: None,
+            label_sets: HashMap::new(),
+            series: HashMap::new(),
+        }
+    }
 }
 
 /// A metric as listed by [`Store::metrics`].
@@ -382,12 +619,28 @@ pub struct Store {
     sources: HashMap<SourceId, SourceState>,
     metrics: HashMap<String, MetricInfo>,
     total_series: usize,
+    /// Estimated bytes of series and label sets.
+    bytes: usize,
+    /// Estimated bytes of the window samples (set by the sampler).
+    window_bytes: usize,
     dirty: HashSet<SourceId>,
+}
+
+fn is_up(settings: &Settings, source: &SourceState, now_ms: u64) -> bool {
+    now_ms.saturating_sub(source.last_seen_ms) <= settings.ttl_ms
 }
 
 impl Store {
     pub fn new(settings: Settings) -> Self {
-        Self { settings, sources: HashMap::new(), metrics: HashMap::new(), total_series: 0, dirty: HashSet::new() }
+        Self {
+            settings,
+            sources: HashMap::new(),
+            metrics: HashMap::new(),
+            total_series: 0,
+            bytes: 0,
+            window_bytes: 0,
+            dirty: HashSet::new(),
+        }
     }
 
     pub fn settings(&self) -> &Settings {
@@ -403,102 +656,226 @@ impl Store {
         self.sources.len()
     }
 
+    /// Estimated bytes held: series, label sets and window samples. New
+    /// series (and new runs of old ones) are refused beyond `max_bytes`.
+    pub fn bytes(&self) -> usize {
+        self.bytes.saturating_add(self.window_bytes)
+    }
+
+    /// Records the windows' estimated bytes (they count in the budget).
+    pub fn set_window_bytes(&mut self, bytes: usize) {
+        self.window_bytes = bytes;
+    }
+
     /// Applies one source's push at `now_ms` (the aggregator's clock).
     pub fn ingest(&mut self, push: SourcePush, now_ms: u64) -> Outcome {
         let mut outcome = Outcome::default();
-        let Self { settings, sources, metrics, total_series, dirty } = self;
-        if !sources.contains_key(&push.source) && sources.len() >= settings.limits.max_sources {
-            for metric in &push.metrics {
-                let limit = settings.limits.max_sources;
-                outcome.reject(
-                    &metric.name,
-                    || format!("source limit reached ({limit} sources, --max-sources)"),
-                    metric.points.len() as u64,
-                );
-            }
-            return outcome;
+        let SourcePush { source: id, metrics } = push;
+        if let Some(source) = self.sources.get_mut(&id) {
+            source.last_seen_ms = source.last_seen_ms.max(now_ms);
+            self.dirty.insert(id.clone());
         }
-        let source = sources.entry(push.source.clone()).or_default();
-        source.last_seen_ms = source.last_seen_ms.max(now_ms);
-        dirty.insert(push.source.clone());
-        for metric in push.metrics {
-            let name = metric.name;
-            if let Some(info) = metrics.get(&name)
-                && info.kind != metric.kind
-            {
-                let (was, now) = (info.kind.name(), metric.kind.name());
-                outcome.reject(&name, || format!("is a {was}, this push has a {now}"), metric.points.len() as u64);
-                continue;
-            }
-            for point in metric.points {
-                if let (Value::Histogram(h), Some(Some(bounds))) =
-                    (&point.value, metrics.get(&name).map(|i| i.bounds.as_ref()))
-                    && h.bounds != *bounds
-                {
-                    let (got, want) = (h.bounds.clone(), bounds.clone());
-                    outcome.reject(
-                        &name,
-                        || format!("histogram bucket bounds {got:?} differ from the metric's bounds {want:?}"),
-                        1,
-                    );
-                    continue;
+        for metric in metrics {
+            let MetricPush { name, description, unit, kind, points } = metric;
+            for point in points {
+                match self.ingest_point(&id, (&name, kind, &description, &unit), point, now_ms) {
+                    Ok(Applied::Accepted) => outcome.accepted += 1,
+                    Ok(Applied::Duplicate | Applied::Late) => outcome.duplicates += 1,
+                    Err(why) => outcome.reject(&name, || why, 1),
                 }
-                let series = source.metrics.entry(name.clone()).or_default();
-                let state = match series.get_mut(&point.labels) {
-                    Some(state) => state,
-                    None => {
-                        let info = metrics.get(&name);
-                        let known_labels = info.is_some_and(|i| i.label_sets.contains_key(&point.labels));
-                        let metric_sets = info.map_or(0, |i| i.label_sets.len());
-                        if !known_labels && metric_sets >= settings.limits.max_series_per_metric {
-                            let limit = settings.limits.max_series_per_metric;
-                            outcome.reject(
-                                &name,
-                                || format!("cardinality limit reached ({limit} label sets, --max-series-per-metric)"),
-                                1,
-                            );
-                            continue;
-                        }
-                        if *total_series >= settings.limits.max_series {
-                            let limit = settings.limits.max_series;
-                            outcome.reject(
-                                &name,
-                                || format!("overall series limit reached ({limit} series, --max-series)"),
-                                1,
-                            );
-                            continue;
-                        }
-                        let info = metrics.entry(name.clone()).or_insert_with(|| MetricInfo {
-                            kind: metric.kind,
-                            description: metric.description.clone(),
-                            unit: metric.unit.clone(),
-                            bounds: match &point.value {
-                                Value::Histogram(h) => Some(h.bounds.clone()),
-                                _ => None,
-                            },
-                            label_sets: HashMap::new(),
-                        });
-                        *info.label_sets.entry(point.labels.clone()).or_insert(0) += 1;
-                        *total_series += 1;
-                        source.series += 1;
-                        series.entry(point.labels.clone()).or_insert_with(|| Entry::new(SeriesState::new(metric.kind)))
-                    }
-                };
-                match state.state.apply(metric.kind, point) {
-                    Applied::Accepted => outcome.accepted += 1,
-                    Applied::Duplicate | Applied::Late => outcome.duplicates += 1,
-                }
-                state.remember_first();
-            }
-            if source.metrics.get(&name).is_some_and(HashMap::is_empty) {
-                source.metrics.remove(&name);
             }
         }
         outcome
     }
 
+    fn ingest_point(
+        &mut self,
+        id: &SourceId,
+        (name, kind, description, unit): (&str, Kind, &str, &str),
+        mut point: Point,
+        now_ms: u64,
+    ) -> Result<Applied, String> {
+        let bounds = match &point.value {
+            Value::Histogram(h) => Some(h.bounds.clone()),
+            _ => None,
+        };
+        self.settle_conflict(id, name, kind, bounds.as_ref(), now_ms)?;
+        let exists = self
+            .metrics
+            .get(name)
+            .and_then(|i| i.series.get(id))
+            .and_then(|s| s.get(&point.labels))
+            .map(|e| e.state.grows_with(&point));
+        match exists {
+            None => self.admit(id, name, &point.labels, point.value.heap_bytes())?,
+            Some(true) => self.admit_growth(name, point.value.heap_bytes())?,
+            Some(false) => {}
+        }
+        if let (Value::Histogram(h), Some(Some(b))) = (&mut point.value, self.metrics.get(name).map(|i| &i.bounds)) {
+            h.share_bounds(b);
+        }
+        let delta = point.delta;
+        let labels = point.labels.clone();
+        let entry = self.entry(id, name, kind, (description, unit), &labels, bounds, now_ms, || {
+            Entry::new(SeriesState::new(kind, delta))
+        });
+        let before = entry.bytes;
+        let applied = entry.state.apply(point);
+        entry.remember_first();
+        entry.bytes = entry.estimate();
+        let after = entry.bytes;
+        self.bytes = self.bytes.saturating_sub(before).saturating_add(after);
+        if let Some(source) = self.sources.get_mut(id) {
+            source.last_seen_ms = source.last_seen_ms.max(now_ms);
+        }
+        self.dirty.insert(id.clone());
+        Ok(applied)
+    }
+
+    /// A point of another kind, or with other bounds, than the metric's:
+    /// rejected while another source holding the metric is up; otherwise
+    /// it takes the metric over (the old series are dropped).
+    fn settle_conflict(
+        &mut self,
+        id: &SourceId,
+        name: &str,
+        kind: Kind,
+        bounds: Option<&Arc<[f64]>>,
+        now_ms: u64,
+    ) -> Result<(), String> {
+        let Some(info) = self.metrics.get(name) else {
+            return Ok(());
+        };
+        let why = if info.kind != kind {
+            format!("is a {}, this push has a {}", info.kind.name(), kind.name())
+        } else if let (Some(want), Some(got)) = (&info.bounds, bounds)
+            && **want != **got
+        {
+            format!("histogram bucket bounds {:?} differ from the metric's bounds {:?}", &got[..], &want[..])
+        } else {
+            return Ok(());
+        };
+        let held_by_others = info
+            .series
+            .keys()
+            .any(|holder| holder != id && self.sources.get(holder).is_some_and(|s| is_up(&self.settings, s, now_ms)));
+        if held_by_others {
+            return Err(format!("{why} (accepted once every other source using the metric's is down, --source-ttl)"));
+        }
+        self.drop_metric(name);
+        Ok(())
+    }
+
+    /// Forgets every series of a metric (a takeover by another kind or bounds).
+    fn drop_metric(&mut self, name: &str) {
+        let Some(info) = self.metrics.remove(name) else {
+            return;
+        };
+        for labels in info.label_sets.keys() {
+            self.bytes = self.bytes.saturating_sub(labels.heap_bytes());
+        }
+        for (holder, series) in info.series {
+            let entries: usize = series.values().map(|e| e.bytes).sum();
+            self.bytes = self.bytes.saturating_sub(entries);
+            self.total_series = self.total_series.saturating_sub(series.len());
+            if let Some(source) = self.sources.get_mut(&holder) {
+                source.series = source.series.saturating_sub(series.len());
+                source.metrics.remove(name);
+                if source.series == 0 {
+                    self.sources.remove(&holder);
+                }
+            }
+            self.dirty.insert(holder);
+        }
+        self.bytes = self.bytes.saturating_sub(name.len() + SERIES_OVERHEAD);
+    }
+
+    /// Whether a new series of `name` with `labels` for source `id` fits
+    /// every bound.
+    fn admit(&self, id: &SourceId, name: &str, labels: &Labels, point_bytes: usize) -> Result<(), String> {
+        let limits = &self.settings.limits;
+        if !self.sources.contains_key(id) && self.sources.len() >= limits.max_sources {
+            return Err(format!("source limit reached ({} sources, --max-sources)", limits.max_sources));
+        }
+        let info = self.metrics.get(name);
+        let known_labels = info.is_some_and(|i| i.label_sets.contains_key(labels));
+        if !known_labels && info.map_or(0, |i| i.label_sets.len()) >= limits.max_series_per_metric {
+            return Err(format!(
+                "cardinality limit reached ({} label sets, --max-series-per-metric)",
+                limits.max_series_per_metric
+            ));
+        }
+        if self.total_series >= limits.max_series {
+            return Err(format!("overall series limit reached ({} series, --max-series)", limits.max_series));
+        }
+        let mut cost = SERIES_OVERHEAD + 2 * (48 + point_bytes);
+        if !known_labels {
+            cost += labels.heap_bytes();
+        }
+        if info.is_none() {
+            cost += name.len() + SERIES_OVERHEAD;
+        }
+        self.admit_bytes(cost)
+    }
+
+    fn admit_growth(&self, _name: &str, point_bytes: usize) -> Result<(), String> {
+        self.admit_bytes(48 + point_bytes)
+    }
+
+    fn admit_bytes(&self, cost: usize) -> Result<(), String> {
+        let max = self.settings.limits.max_bytes;
+        if self.bytes().saturating_add(cost) > max {
+            return Err(format!("memory budget reached ({max} bytes, --max-bytes)"));
+        }
+        Ok(())
+    }
+
+    /// The entry of a series, created (with its source and metric) if new.
+    /// Bounds were checked by [`Store::admit`].
+    #[allow(clippy::too_many_arguments)]
+    fn entry(
+        &mut self,
+        id: &SourceId,
+        name: &str,
+        kind: Kind,
+        (description, unit): (&str, &str),
+        labels: &Labels,
+        bounds: Option<Arc<[f64]>>,
+        now_ms: u64,
+        new: impl FnOnce() -> Entry,
+    ) -> &mut Entry {
+        let Self { sources, metrics, total_series, bytes, .. } = self;
+        let info = metrics.entry(name.to_owned()).or_insert_with(|| {
+            *bytes += name.len() + SERIES_OVERHEAD;
+            let mut info = MetricInfo::new(kind, description, unit);
+            info.bounds = bounds;
+            info
+        });
+        let by_labels = info.series.entry(id.clone()).or_default();
+        if !by_labels.contains_key(labels) {
+            // One shared copy of the label set for every holder.
+            let labels = match info.label_sets.get_key_value(labels) {
+                Some((shared, _)) => shared.clone(),
+                None => {
+                    *bytes += labels.heap_bytes();
+                    labels.clone()
+                }
+            };
+            *info.label_sets.entry(labels.clone()).or_insert(0) += 1;
+            *total_series += 1;
+            let source =
+                sources.entry(id.clone()).or_insert_with(|| SourceState { last_seen_ms: now_ms, ..Default::default() });
+            source.series += 1;
+            source.metrics.insert(name.to_owned());
+            let entry = new();
+            *bytes += entry.bytes;
+            by_labels.insert(labels, entry);
+        }
+        by_labels.get_mut(labels).unwrap_or_else(|| unreachable!("inserted above"))
+    }
+
     fn is_up(&self, source: &SourceState, now_ms: u64) -> bool {
-        now_ms.saturating_sub(source.last_seen_ms) <= self.settings.ttl_ms
+        is_up(&self.settings, source, now_ms)
     }
 
     /// The merged values of the selected series at `now_ms`. Gauges and
@@ -518,40 +895,52 @@ impl Store {
     fn select_values(&self, selection: &Selection, now_ms: u64, since_first: bool) -> Option<Answer> {
         let info = self.metrics.get(&selection.metric)?;
         let policy = self.settings.policy(&selection.metric, info.kind);
-        let mut groups: BTreeMap<GroupKey, (Group, usize)> = BTreeMap::new();
-        for (index, (id, source)) in self.sources.iter().enumerate() {
+        // Per group: the value so far, the first values so far (windows),
+        // the last source counted, the sources.
+        type Slot = (Option<Merged>, Option<Merged>, usize, u32);
+        let mut groups: BTreeMap<GroupKey, Slot> = BTreeMap::new();
+        for (index, (id, series)) in info.series.iter().enumerate() {
             if selection.service.as_ref().is_some_and(|s| *s != id.service) {
                 continue;
             }
-            if !info.kind.is_additive() && !self.is_up(source, now_ms) {
+            if !info.kind.is_additive() && !self.sources.get(id).is_some_and(|s| self.is_up(s, now_ms)) {
                 continue;
             }
-            let Some(series) = source.metrics.get(&selection.metric) else {
-                continue;
-            };
             for (labels, state) in series {
                 if !selection.matches(labels) {
                     continue;
                 }
-                let Some(value) = state.value(since_first) else {
+                if !state.state.has_value() {
                     continue;
-                };
+                }
                 let key = selection.group_key(&id.service, labels);
-                match groups.get_mut(&key) {
-                    Some((group, last)) => {
-                        group.value.combine(&value, policy);
-                        if *last != index {
-                            group.sources += 1;
-                            *last = index;
-                        }
+                let (value, firsts, last, sources) = groups.entry(key).or_insert((None, None, usize::MAX, 0));
+                state.state.combine_into(value, policy);
+                // Since first seen: the group's values minus the group's
+                // first values (each series only grows from its first).
+                if since_first && let Some(first) = &state.first {
+                    match firsts {
+                        Some(acc) => acc.combine(first, Policy::Sum),
+                        None => *firsts = Some(first.clone()),
                     }
-                    None => {
-                        groups.insert(key, (Group { value, sources: 1 }, index));
-                    }
+                }
+                if *last != index {
+                    *sources += 1;
+                    *last = index;
                 }
             }
         }
-        Some(Answer { kind: info.kind, groups: groups.into_iter().map(|(k, (g, _))| (k, g)).collect() })
+        let groups = groups
+            .into_iter()
+            .filter_map(|(key, (value, firsts, _, sources))| {
+                let value = match (value?, firsts) {
+                    (value, Some(firsts)) => value.increase_since(&firsts),
+                    (value, None) => value,
+                };
+                Some((key, Group { value, sources }))
+            })
+            .collect();
+        Some(Answer { kind: info.kind, groups })
     }
 
     /// The metric's kind, if known.
@@ -563,11 +952,11 @@ impl Store {
     /// (see [`Store::select_since_first`]): what windows sample.
     pub fn additive_per_service(&self) -> HashMap<ServiceSeries, Merged> {
         let mut out: HashMap<ServiceSeries, Merged> = HashMap::new();
-        for (id, source) in &self.sources {
-            for (metric, series) in &source.metrics {
-                if !self.metrics.get(metric).is_some_and(|i| i.kind.is_additive()) {
-                    continue;
-                }
+        for (metric, info) in &self.metrics {
+            if !info.kind.is_additive() {
+                continue;
+            }
+            for (id, series) in &info.series {
                 for (labels, state) in series {
                     let Some(value) = state.value(true) else {
                         continue;
@@ -612,7 +1001,7 @@ impl Store {
                 unit: i.unit.clone(),
                 series: i.label_sets.len(),
                 policy: self.settings.policy(name, i.kind),
-                bounds: i.bounds.clone().unwrap_or_default(),
+                bounds: i.bounds.as_deref().map(<[f64]>::to_vec).unwrap_or_default(),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -630,29 +1019,35 @@ impl Store {
             .collect();
         for id in &gone {
             if let Some(source) = self.sources.remove(id) {
-                self.forget_series(source);
+                self.forget_series(id, source);
             }
             self.dirty.remove(id);
         }
         gone
     }
 
-    fn forget_series(&mut self, source: SourceState) {
-        for (metric, series) in source.metrics {
+    fn forget_series(&mut self, id: &SourceId, source: SourceState) {
+        for metric in source.metrics {
             let Some(info) = self.metrics.get_mut(&metric) else {
                 continue;
             };
-            for labels in series.keys() {
-                if let Some(n) = info.label_sets.get_mut(labels) {
+            let Some(series) = info.series.remove(id) else {
+                continue;
+            };
+            for (labels, entry) in series {
+                if let Some(n) = info.label_sets.get_mut(&labels) {
                     *n = n.saturating_sub(1);
                     if *n == 0 {
-                        info.label_sets.remove(labels);
+                        info.label_sets.remove(&labels);
+                        self.bytes = self.bytes.saturating_sub(labels.heap_bytes());
                     }
                 }
+                self.bytes = self.bytes.saturating_sub(entry.bytes);
                 self.total_series = self.total_series.saturating_sub(1);
             }
-            if info.label_sets.is_empty() {
+            if info.series.is_empty() {
                 self.metrics.remove(&metric);
+                self.bytes = self.bytes.saturating_sub(metric.len() + SERIES_OVERHEAD);
             }
         }
     }
@@ -676,11 +1071,11 @@ impl Store {
     pub fn snapshot(&self, id: &SourceId) -> Option<SourceSnapshot> {
         let source = self.sources.get(id)?;
         let mut series = Vec::with_capacity(source.series);
-        for (metric, by_labels) in &source.metrics {
+        for metric in &source.metrics {
             let Some(info) = self.metrics.get(metric) else {
                 continue;
             };
-            for (labels, entry) in by_labels {
+            for (labels, entry) in info.series.get(id).into_iter().flatten() {
                 series.push((metric.clone(), info.kind, labels.clone(), entry.state.clone()));
             }
         }
@@ -690,58 +1085,51 @@ impl Store {
 
     /// Joins what another observer (a checkpoint, another replica) knows of
     /// a source. Idempotent: joining the same snapshot twice changes nothing.
-    /// Series over the limits, or of a conflicting kind, are skipped; the
-    /// number skipped is returned.
+    /// Series over the limits, of a conflicting kind or bounds, or invalid
+    /// (see [`SourceSnapshot::check`]) are skipped; the number skipped is
+    /// returned.
     pub fn join(&mut self, id: &SourceId, snapshot: &SourceSnapshot, now_ms: u64) -> usize {
         if now_ms.saturating_sub(snapshot.last_seen_ms) > self.settings.retention_ms {
             return 0;
         }
-        let Self { settings, sources, metrics, total_series, .. } = self;
-        if !sources.contains_key(id) && sources.len() >= settings.limits.max_sources {
+        if snapshot.check(&self.settings.limits, now_ms).is_err() {
             return snapshot.series.len();
         }
-        let source = sources.entry(id.clone()).or_default();
-        source.last_seen_ms = source.last_seen_ms.max(snapshot.last_seen_ms);
         let mut skipped = 0;
         for (metric, kind, labels, state) in &snapshot.series {
-            if !state.kind_matches(*kind) || metrics.get(metric).is_some_and(|i| i.kind != *kind) {
+            let bounds = state.bounds();
+            // The snapshot's time stands for the pushes: a source down in
+            // it does not take a metric over from live ones.
+            let pushed_at = snapshot.last_seen_ms;
+            if self.settle_conflict(id, metric, *kind, bounds.as_ref(), pushed_at.max(now_ms)).is_err() {
                 skipped += 1;
                 continue;
             }
-            if let Some(existing) = source.metrics.get_mut(metric).and_then(|s| s.get_mut(labels)) {
-                existing.state.join(state);
-                existing.remember_first();
-                continue;
-            }
-            let info = metrics.get(metric);
-            let known = info.is_some_and(|i| i.label_sets.contains_key(labels));
-            if (!known && info.map_or(0, |i| i.label_sets.len()) >= settings.limits.max_series_per_metric)
-                || *total_series >= settings.limits.max_series
-            {
+            let exists =
+                self.metrics.get(metric).and_then(|i| i.series.get(id)).is_some_and(|s| s.contains_key(labels));
+            if !exists && self.admit(id, metric, labels, state.heap_bytes()).is_err() {
                 skipped += 1;
                 continue;
             }
-            let bounds = match state {
-                SeriesState::Histogram(a) => a.total().map(|h| h.bounds),
-                _ => None,
-            };
-            let info = metrics.entry(metric.clone()).or_insert_with(|| MetricInfo {
-                kind: *kind,
-                description: String::new(),
-                unit: String::new(),
-                bounds: bounds.clone(),
-                label_sets: HashMap::new(),
+            let mut state = state.clone();
+            if let Some(Some(shared)) = self.metrics.get(metric).map(|i| &i.bounds) {
+                state.share_bounds(shared);
+            }
+            let mut incoming = Some(state);
+            let entry = self.entry(id, metric, *kind, ("", ""), labels, bounds, snapshot.last_seen_ms, || {
+                Entry::new(incoming.take().unwrap_or_else(|| unreachable!("taken once")))
             });
-            if info.bounds.is_some() && bounds.is_some() && info.bounds != bounds {
-                skipped += 1;
-                continue;
+            let before = entry.bytes;
+            if let Some(state) = incoming {
+                entry.state.join(&state);
             }
-            *info.label_sets.entry(labels.clone()).or_insert(0) += 1;
-            *total_series += 1;
-            source.series += 1;
-            let mut entry = Entry::new(state.clone());
             entry.remember_first();
-            source.metrics.entry(metric.clone()).or_default().insert(labels.clone(), entry);
+            entry.bytes = entry.estimate();
+            let after = entry.bytes;
+            self.bytes = self.bytes.saturating_sub(before).saturating_add(after);
+        }
+        if let Some(source) = self.sources.get_mut(id) {
+            source.last_seen_ms = source.last_seen_ms.max(snapshot.last_seen_ms);
         }
         skipped
     }
@@ -753,7 +1141,7 @@ mod tests {
 
     pub(crate) fn settings() -> Settings {
         Settings {
-            limits: Limits { max_series_per_metric: 100, max_series: 1000, max_sources: 10 },
+            limits: Limits { max_series_per_metric: 100, max_series: 1000, max_sources: 10, max_bytes: 1 << 30 },
             ttl_ms: 30_000,
             retention_ms: 3_600_000,
             policies: HashMap::new(),
@@ -872,14 +1260,14 @@ mod tests {
     #[test]
     fn a_kind_change_or_other_bounds_are_rejected_clearly() {
         let mut store = Store::new(settings());
-        let id = SourceId::new("gw", "a");
+        let (id, other) = (SourceId::new("gw", "a"), SourceId::new("gw", "b"));
         store.ingest(counter(&id, 1, 10, 1.0), 0);
-        let mut push = gauge(&id, 10, 1.0);
+        let mut push = gauge(&other, 10, 1.0);
         push.metrics[0].name = "requests".into();
         let outcome = store.ingest(push, 0);
-        assert_eq!(outcome.message(), "metric `requests`: is a counter, this push has a gauge");
+        assert!(outcome.message().starts_with("metric `requests`: is a counter, this push has a gauge"));
 
-        let hist = |bounds: Vec<f64>| {
+        let hist = |bounds: Vec<f64>, id: &SourceId| {
             let n = bounds.len() + 1;
             SourcePush {
                 source: id.clone(),
@@ -898,8 +1286,8 @@ mod tests {
                 }],
             }
         };
-        assert_eq!(store.ingest(hist(vec![1.0, 2.0]), 0).accepted, 1);
-        let outcome = store.ingest(hist(vec![1.0, 5.0]), 0);
+        assert_eq!(store.ingest(hist(vec![1.0, 2.0], &id), 0).accepted, 1);
+        let outcome = store.ingest(hist(vec![1.0, 5.0], &other), 0);
         assert_eq!(outcome.rejected, 1);
         assert!(outcome.message().contains("bucket bounds [1.0, 5.0] differ"), "{}", outcome.message());
     }
@@ -931,5 +1319,143 @@ mod tests {
         assert_eq!(fleet(&two, "requests", 0), Some(Merged::Counter(8.0)));
         assert_eq!(fleet(&two, "temp", 0), Some(Merged::Level(Level { time: 10, value: 2.0 })));
         assert_eq!(two.total_series(), 2);
+    }
+
+    fn histogram_push(id: &SourceId, bounds: Vec<f64>, time: u64) -> SourcePush {
+        let n = bounds.len() + 1;
+        SourcePush {
+            source: id.clone(),
+            metrics: vec![MetricPush {
+                name: "latency".into(),
+                description: String::new(),
+                unit: String::new(),
+                kind: Kind::Histogram,
+                points: vec![Point {
+                    labels: Labels::default(),
+                    start: 1,
+                    time,
+                    delta: false,
+                    value: Value::Histogram(Histogram::new(bounds, vec![1; n], n as u64, 1.0).unwrap()),
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn empty_or_fully_rejected_resources_create_no_source() {
+        let mut s = settings();
+        s.limits.max_sources = 2;
+        let mut store = Store::new(s);
+        for i in 0..2000 {
+            let id = SourceId::new("squat", i.to_string());
+            store.ingest(SourcePush { source: id.clone(), metrics: vec![] }, 0);
+            let mut push = counter(&id, 1, 10, 1.0);
+            push.metrics[0].kind = Kind::Gauge;
+            store.ingest(counter(&SourceId::new("gw", "a"), 1, 10, 1.0), 0);
+            store.ingest(push, 0); // a kind conflict: rejected
+        }
+        assert_eq!(store.source_count(), 1);
+        let outcome = store.ingest(counter(&SourceId::new("gw", "new-pod"), 1, 10, 1.0), 0);
+        assert_eq!(outcome.accepted, 1, "{}", outcome.message());
+        assert_eq!(store.source_count(), 2);
+    }
+
+    #[test]
+    fn new_bounds_take_over_once_the_old_sources_are_down() {
+        let mut store = Store::new(settings());
+        let (old, new) = (SourceId::new("gw", "old"), SourceId::new("gw", "new"));
+        assert_eq!(store.ingest(histogram_push(&old, vec![1.0, 2.0], 10), 0).accepted, 1);
+        // While the old pod is up, the new bounds are refused, saying when.
+        let outcome = store.ingest(histogram_push(&new, vec![1.0, 5.0], 10), 10_000);
+        assert_eq!(outcome.rejected, 1);
+        assert!(outcome.message().contains("accepted once every other source"), "{}", outcome.message());
+        // The old pod is gone (past its TTL): the new bounds take the metric over.
+        let outcome = store.ingest(histogram_push(&new, vec![1.0, 5.0], 20), 40_000);
+        assert_eq!(outcome.accepted, 1, "{}", outcome.message());
+        assert_eq!(store.metrics()[0].bounds, vec![1.0, 5.0]);
+        assert_eq!(store.total_series(), 1);
+        // The old pod, back with old bounds, is now the one refused.
+        assert_eq!(store.ingest(histogram_push(&old, vec![1.0, 2.0], 30), 41_000).rejected, 1);
+    }
+
+    #[test]
+    fn the_byte_budget_rejects_new_series_by_name_and_frees_on_expiry() {
+        let mut s = settings();
+        s.limits.max_bytes = 64 * 1024;
+        s.limits.max_series_per_metric = 100_000;
+        s.limits.max_series = 100_000;
+        let mut store = Store::new(s);
+        let id = SourceId::new("gw", "a");
+        let mut push = counter(&id, 1, 10, 1.0);
+        push.metrics[0].points = (0..10_000)
+            .map(|i| Point {
+                labels: labels(&[("user", &format!("{i:0>200}"))]),
+                start: 1,
+                time: 10,
+                delta: false,
+                value: Value::Number(1.0),
+            })
+            .collect();
+        let outcome = store.ingest(push, 0);
+        assert!(outcome.rejected > 9_000, "{}", outcome.rejected);
+        assert!(
+            outcome.message().contains("memory budget reached (65536 bytes, --max-bytes)"),
+            "{}",
+            outcome.message()
+        );
+        assert!(store.bytes() <= 64 * 1024, "{}", store.bytes());
+        store.expire(3_600_001);
+        assert_eq!(store.bytes(), 0);
+    }
+
+    #[test]
+    fn delta_up_down_counters_join_every_delta_once() {
+        let id = SourceId::new("gw", "a");
+        let delta = |time: u64, value: f64| SourcePush {
+            source: id.clone(),
+            metrics: vec![MetricPush {
+                name: "queue".into(),
+                description: String::new(),
+                unit: String::new(),
+                kind: Kind::UpDownCounter,
+                points: vec![Point {
+                    labels: Labels::default(),
+                    start: time - 1,
+                    time,
+                    delta: true,
+                    value: Value::Number(value),
+                }],
+            }],
+        };
+        let (mut one, mut two) = (Store::new(settings()), Store::new(settings()));
+        one.ingest(delta(10, 5.0), 0);
+        two.ingest(delta(20, -2.0), 0);
+        one.ingest(delta(30, 4.0), 0);
+        let (a, b) = (one.snapshot(&id).unwrap(), two.snapshot(&id).unwrap());
+        one.join(&id, &b, 0);
+        two.join(&id, &a, 0);
+        let level = |store: &Store| match fleet(store, "queue", 0) {
+            Some(Merged::Level(l)) => l.value,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(level(&one), 7.0);
+        assert_eq!(level(&two), 7.0);
+    }
+
+    #[test]
+    fn a_poisoned_snapshot_is_skipped_whole() {
+        let mut store = Store::new(settings());
+        let id = SourceId::new("gw", "a");
+        let snapshot = SourceSnapshot {
+            last_seen_ms: 0,
+            series: vec![(
+                "temp".into(),
+                Kind::Gauge,
+                Labels::default(),
+                SeriesState::Level(Level { time: u64::MAX, value: 1.0 }),
+            )],
+        };
+        assert_eq!(store.join(&id, &snapshot, 0), 1);
+        assert_eq!(store.source_count(), 0);
     }
 }

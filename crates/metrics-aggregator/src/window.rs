@@ -12,8 +12,15 @@
 //! within a minute). Rings of series that have not been seen for the horizon
 //! are dropped. Rings are kept in memory only: after a restart, windows fill
 //! up again (`covered_seconds` says how much history an answer covers).
+//!
+//! Samples are compact: a sample equal to the previous one (an idle series)
+//! shares its value instead of copying it, the fine and coarse rings share
+//! values too, and histogram samples share their metric's bounds. The rings
+//! count their bytes ([`Windows::bytes`]), which the store's byte budget
+//! includes.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 
 use crate::merge::{Merged, Policy};
 use crate::series::Kind;
@@ -26,31 +33,63 @@ pub const COARSE_STEP_MS: u64 = 60_000;
 /// The longest window.
 pub const HORIZON_MS: u64 = 3_600_000;
 
+type Sample = (u64, Arc<Merged>);
+
+/// Bytes of one sample slot (time and shared pointer) and of one shared value.
+const SLOT_BYTES: usize = 16;
+const VALUE_BYTES: usize = std::mem::size_of::<Merged>() + 16;
+
 #[derive(Debug, Default)]
 struct Ring {
-    fine: VecDeque<(u64, Merged)>,
-    coarse: VecDeque<(u64, Merged)>,
+    fine: VecDeque<Sample>,
+    coarse: VecDeque<Sample>,
     last_seen_ms: u64,
+    /// Bytes of the distinct values the ring holds.
+    value_bytes: usize,
 }
 
 impl Ring {
     fn push(&mut self, now_ms: u64, value: Merged) {
         self.last_seen_ms = now_ms;
+        let last = self.fine.back().or(self.coarse.back()).map(|(_, v)| v);
+        let value = match last {
+            Some(previous) if **previous == value => previous.clone(),
+            _ => {
+                self.value_bytes += VALUE_BYTES + value.heap_bytes();
+                Arc::new(value)
+            }
+        };
         if self.coarse.back().is_none_or(|(t, _)| now_ms.saturating_sub(*t) >= COARSE_STEP_MS) {
             self.coarse.push_back((now_ms, value.clone()));
         }
         self.fine.push_back((now_ms, value));
         while self.fine.front().is_some_and(|(t, _)| now_ms.saturating_sub(*t) > FINE_SPAN_MS) {
-            self.fine.pop_front();
+            if let Some((_, v)) = self.fine.pop_front() {
+                self.release(v);
+            }
         }
         while self.coarse.front().is_some_and(|(t, _)| now_ms.saturating_sub(*t) > HORIZON_MS + COARSE_STEP_MS) {
-            self.coarse.pop_front();
+            if let Some((_, v)) = self.coarse.pop_front() {
+                self.release(v);
+            }
         }
     }
 
+    /// Drops one reference to a value; its bytes go with the last one.
+    fn release(&mut self, value: Arc<Merged>) {
+        if let Some(value) = Arc::into_inner(value) {
+            self.value_bytes = self.value_bytes.saturating_sub(VALUE_BYTES + value.heap_bytes());
+        }
+    }
+
+    fn bytes(&self, key: &ServiceSeries) -> usize {
+        // The ring, its key (the label set is shared with the store).
+        160 + key.0.len() + key.1.len() + self.samples() * SLOT_BYTES + self.value_bytes
+    }
+
     /// The latest sample at or before `at_ms`, else the oldest sample.
-    fn baseline(&self, at_ms: u64) -> Option<&(u64, Merged)> {
-        fn latest_before(samples: &VecDeque<(u64, Merged)>, at_ms: u64) -> Option<&(u64, Merged)> {
+    fn baseline(&self, at_ms: u64) -> Option<&Sample> {
+        fn latest_before(samples: &VecDeque<Sample>, at_ms: u64) -> Option<&Sample> {
             samples.iter().rev().find(|(t, _)| *t <= at_ms)
         }
         latest_before(&self.fine, at_ms)
@@ -105,6 +144,11 @@ impl Windows {
 
     pub fn samples(&self) -> usize {
         self.rings.values().map(Ring::samples).sum()
+    }
+
+    /// Estimated bytes of every ring.
+    pub fn bytes(&self) -> usize {
+        self.rings.iter().map(|(key, ring)| ring.bytes(key)).sum()
     }
 
     /// The increase of the selected series over the `window_ms` that end at
@@ -169,7 +213,7 @@ mod tests {
 
     fn store() -> Store {
         Store::new(Settings {
-            limits: Limits { max_series_per_metric: 100, max_series: 1000, max_sources: 10 },
+            limits: Limits { max_series_per_metric: 100, max_series: 1000, max_sources: 10, max_bytes: 1 << 30 },
             ttl_ms: 30_000,
             retention_ms: 7_200_000,
             policies: HashMap::new(),
@@ -230,5 +274,29 @@ mod tests {
             windows.record(second * 1000, store.additive_per_service());
         }
         assert!(windows.samples() <= 37 + 62, "{}", windows.samples());
+    }
+
+    #[test]
+    fn idle_series_share_their_samples() {
+        let mut store = store();
+        let mut windows = Windows::default();
+        push(&mut store, "a", 5.0, 1000);
+        for second in (0..=600u64).step_by(10) {
+            windows.record(1000 + second * 1000, store.additive_per_service());
+        }
+        let idle = windows.bytes();
+        let mut busy = Windows::default();
+        for second in (0..=600u64).step_by(10) {
+            push(&mut store, "a", 5.0 + second as f64, 1000 + second * 1000);
+            busy.record(1000 + second * 1000, store.additive_per_service());
+        }
+        assert_eq!(windows.samples(), busy.samples());
+        assert!(idle < busy.bytes(), "{idle} vs {}", busy.bytes());
+        // The bytes go down again as samples leave the rings.
+        let before = busy.bytes();
+        for second in (610..=4800u64).step_by(10) {
+            busy.record(1000 + second * 1000, store.additive_per_service());
+        }
+        assert!(busy.bytes() < before);
     }
 }

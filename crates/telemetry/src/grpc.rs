@@ -205,35 +205,16 @@ where
                 Err(_) => "UNAVAILABLE",
             };
             this.inner.span().record("rpc.grpc.status_code", code);
+            // A path no service answers is any text a caller chose: one
+            // bounded label instead, so random paths cannot fill the
+            // series cap of the metrics everyone shares.
+            let (service, method) =
+                if code == "UNIMPLEMENTED" { ("unknown".to_owned(), "unknown".to_owned()) } else { (service, method) };
             let attributes =
                 [KeyValue::new("service", service), KeyValue::new("method", method), KeyValue::new("code", code)];
             D::metrics().record(&attributes, started.elapsed().as_secs_f64());
         }
         Poll::Ready(result)
-    }
-}
-
-/// A gRPC service (with its admin listener) failed while running.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("grpc server failed")]
-    Grpc(#[source] tonic::transport::Error),
-    #[error("admin server failed")]
-    Admin(#[source] std::io::Error),
-}
-
-/// The outcome of a spawned tonic server task. A cancelled task is the
-/// drain's deliberate abort, not a failure; the task never panics on its own.
-///
-/// # Errors
-///
-/// [`RunError::Grpc`] when the server itself failed.
-pub fn server_outcome(
-    finished: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
-) -> Result<(), RunError> {
-    match finished {
-        Ok(result) => result.map_err(RunError::Grpc),
-        Err(_) => Ok(()),
     }
 }
 

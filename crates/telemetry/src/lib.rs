@@ -1,5 +1,5 @@
-//! Everything a Shoal service needs to be observable and well-behaved, so the
-//! services themselves carry none of it:
+//! Everything a Shoal service needs to be observable, so the services
+//! themselves carry none of it:
 //!
 //! - [`init`]: one call that installs JSON or text logs (with trace and span
 //!   ids on every line inside a span), OpenTelemetry tracing (exported over
@@ -11,22 +11,17 @@
 //!   the RED metrics (`http_requests_total`, `grpc_server_requests_total`,
 //!   duration histograms in seconds), labelled by route template, never by
 //!   raw path.
-//! - [`admin`]: the admin listener every service runs (`/metrics`,
-//!   `/healthz`, `/readyz`) and the [`admin::Readiness`] flag it reports.
-//! - [`shutdown`]: SIGTERM/SIGINT in one place; [`service`]: the life of a
-//!   service binary, so each `main.rs` is a few lines.
-//! - [`config`]: the telemetry settings and shared value parsers.
+//! - [`config`]: the telemetry settings and the duration parser.
+//!
+//! The service lifecycle (main, signals, admin listener, listeners, gRPC
+//! serving and the drain) is `shoal-service`'s.
 
-pub mod admin;
 pub mod config;
 pub mod grpc;
 pub mod http;
 mod logging;
 pub mod metrics;
-pub mod net;
 pub mod propagation;
-pub mod service;
-pub mod shutdown;
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -130,7 +125,7 @@ pub fn init_with(
     opentelemetry::global::set_tracer_provider(tracer_provider.clone());
     let push = match &config.metrics_push_endpoint {
         Some(endpoint) => Some(
-            metrics::push_reader(endpoint, config.metrics_push_interval)
+            metrics::push_reader(endpoint, config)
                 .map_err(|e| TelemetryError::Exporter { endpoint: endpoint.clone(), source: Box::new(e) })?,
         ),
         None => None,

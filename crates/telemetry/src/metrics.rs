@@ -57,24 +57,90 @@ impl MetricReader for SharedReader {
     }
 }
 
-/// The push side: an OTLP/gRPC metric exporter to `endpoint` (cumulative
-/// temporality, like `/metrics`), read every `interval`. Must be called
-/// inside a Tokio runtime.
+/// The `authorization: Bearer <token>` metadata of a push, the token read
+/// (trimmed) from `token_file`; no file: no metadata.
 ///
 /// # Errors
 ///
-/// An endpoint the exporter cannot use.
+/// The file cannot be read, is empty, or the token is not a header value.
+pub fn push_metadata(
+    token_file: Option<&std::path::Path>,
+) -> Result<tonic::metadata::MetadataMap, opentelemetry_otlp::ExporterBuildError> {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    let Some(path) = token_file else {
+        return Ok(metadata);
+    };
+    let invalid = |why: String| {
+        opentelemetry_otlp::ExporterBuildError::InvalidConfiguration(format!(
+            "--metrics-push-token-file {}: {why}",
+            path.display()
+        ))
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(invalid("empty".into()));
+    }
+    let value = format!("Bearer {token}").parse().map_err(|_| invalid("not a valid header value".into()))?;
+    metadata.insert("authorization", value);
+    Ok(metadata)
+}
+
+/// The push side: an OTLP/gRPC metric exporter to `endpoint` (cumulative
+/// temporality, like `/metrics`), read every `--metrics-push-interval`,
+/// sending the bearer token of `--metrics-push-token-file` when set, over TLS
+/// when `--metrics-push-tls-ca` is set (with the client certificate, when
+/// set, re-read at every new connection). Must be called inside a Tokio
+/// runtime.
+///
+/// # Errors
+///
+/// An endpoint the exporter cannot use, an unusable token file or TLS files.
 pub fn push_reader(
     endpoint: &str,
-    interval: Duration,
+    config: &crate::TelemetryConfig,
 ) -> Result<PeriodicReader<MetricExporter>, opentelemetry_otlp::ExporterBuildError> {
-    let exporter = MetricExporter::builder()
+    use opentelemetry_otlp::WithTonicConfig as _;
+    let interval = config.metrics_push_interval;
+    let timeout = interval.clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let invalid = |why: String| opentelemetry_otlp::ExporterBuildError::InvalidConfiguration(why);
+    let mut builder = MetricExporter::builder()
         .with_tonic()
+        .with_metadata(push_metadata(config.metrics_push_token_file.as_deref())?)
         .with_endpoint(endpoint.to_owned())
-        .with_timeout(interval.clamp(Duration::from_secs(1), Duration::from_secs(10)))
-        .with_temporality(Temporality::Cumulative)
-        .build()?;
+        .with_timeout(timeout);
+    if let Some(files) = config.metrics_push_tls().map_err(|e| invalid(e.to_string()))? {
+        let tls = shoal_tls::ClientTls::load(&files)
+            .map_err(|e| invalid(error_chain(&e)))?
+            .reloading(shoal_tls::RELOAD_INTERVAL);
+        let uri: http::Uri = endpoint.parse().map_err(|_| invalid(format!("`{endpoint}` is not a URI")))?;
+        let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
+        let port = uri.port_u16().unwrap_or(4317);
+        let server_name = config.metrics_push_tls_server_name.clone().unwrap_or_else(|| host.clone());
+        let connector = tls.connector(&server_name).map_err(|e| invalid(e.to_string()))?;
+        // The connector does the TLS; tonic dials `http://` so it adds none.
+        let plain =
+            if host.contains(':') { format!("http://[{host}]:{port}") } else { format!("http://{host}:{port}") };
+        let channel = tonic::transport::Endpoint::from_shared(plain)
+            .map_err(|e| invalid(e.to_string()))?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .connect_with_connector_lazy(connector);
+        builder = builder.with_channel(channel);
+    }
+    let exporter = builder.with_temporality(Temporality::Cumulative).build()?;
     Ok(PeriodicReader::builder(exporter).with_interval(interval).build())
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(source) = next {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+        next = source.source();
+    }
+    text
 }
 
 pub(crate) fn install(resource: Resource, push: Option<PeriodicReader<MetricExporter>>) {
@@ -318,6 +384,19 @@ pub fn grpc_client() -> &'static RequestMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_push_token_comes_from_its_file() {
+        assert!(push_metadata(None).unwrap().is_empty());
+        let path = std::env::temp_dir().join(format!("shoal-push-token-{}", std::process::id()));
+        std::fs::write(&path, "abc\n").unwrap();
+        let metadata = push_metadata(Some(&path)).unwrap();
+        assert_eq!(metadata.get("authorization").unwrap(), "Bearer abc");
+        std::fs::write(&path, "").unwrap();
+        assert!(push_metadata(Some(&path)).is_err());
+        std::fs::remove_file(&path).unwrap();
+        assert!(push_metadata(Some(&path)).is_err());
+    }
 
     #[test]
     fn names_and_labels_are_prometheus_safe() {

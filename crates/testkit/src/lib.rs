@@ -5,13 +5,21 @@
 //!   and restart (with `appendonly yes` the data survives a restart);
 //! - [`eventually`]: poll a condition until it holds or a deadline passes —
 //!   the replacement for sleeps as synchronisation;
-//! - [`free_port`]: a currently free loopback port.
+//! - [`free_port`]: a currently free loopback port;
+//! - [`RedisCluster`] and [`RedisSentinel`]: multi-node topologies for the
+//!   failover tests ([`topology`]).
+//! - [`certs`]: a throwaway CA and certificates for TLS tests, written to a
+//!   temporary directory (no private key is ever committed).
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub mod topology;
+pub use topology::{RedisCluster, RedisSentinel, redis_cli};
+pub mod certs;
 
 /// A loopback port that was free a moment ago.
 ///

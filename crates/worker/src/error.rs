@@ -165,6 +165,16 @@ pub enum JobError {
     AlreadyEnded { id: String, state: &'static str },
     #[error("the job queue is full ({open} unfinished jobs); retry later")]
     QueueFull { open: u64 },
+    #[error("the job queue's byte budget is used up ({bytes} payload bytes of unfinished jobs); retry later")]
+    QueueBytesFull { bytes: u64 },
+    /// The idempotency key was used before for a different request.
+    #[error(
+        "idempotency key already used for job {id} with a different kind, payload or options; use a new key for a new request"
+    )]
+    KeyReused { id: String },
+    /// Redis reached its memory limit; nothing was written.
+    #[error("the job store is out of memory; nothing was accepted, retry later")]
+    StoreFull,
     /// Redis is unreachable or failing; the cause was logged.
     #[error("the job store is unavailable; retry later")]
     StoreUnavailable,
@@ -179,8 +189,9 @@ impl From<JobError> for Status {
             JobError::Invalid(_) => Status::invalid_argument(message),
             JobError::NotFound(_) => Status::not_found(message),
             JobError::AlreadyEnded { .. } => Status::failed_precondition(message),
-            JobError::QueueFull { .. } => Status::resource_exhausted(message),
-            JobError::StoreUnavailable | JobError::Disabled => Status::unavailable(message),
+            JobError::QueueFull { .. } | JobError::QueueBytesFull { .. } => Status::resource_exhausted(message),
+            JobError::KeyReused { .. } => Status::already_exists(message),
+            JobError::StoreUnavailable | JobError::StoreFull | JobError::Disabled => Status::unavailable(message),
         }
     }
 }

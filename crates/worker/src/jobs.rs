@@ -15,6 +15,12 @@
 //!   entry's idle time, renewed while the job runs) lapses and the reaper of
 //!   any live worker takes the entry over with `XAUTOCLAIM` within
 //!   `lease + reaper interval` (5 s + 1 s by default).
+//! - Leases are fenced: each delivery has a token; renewal and every outcome
+//!   act only for the current token, so a worker that lost its lease learns
+//!   it at its next renewal, stops, and can never overwrite the current
+//!   holder's outcome ([`scripts`](self) documents the rules).
+//! - Attempts count runs of the job's code that ended; a lost worker or a
+//!   lost reply spends a delivery, bounded separately (`max_deliveries`).
 //! - Recording an outcome is idempotent: the first terminal outcome wins and
 //!   later ones (a job executed twice) change nothing.
 //! - A failing attempt is retried with exponential backoff and full jitter;
@@ -23,26 +29,31 @@
 //! - On SIGTERM a worker stops reading, lets running jobs finish within its
 //!   grace, and hands the rest back (their entries become claimable at once).
 //!
-//! # Key layout (prefix `shoal` by default, `--redis-prefix`)
+//! # Key layout (hash tag `{shoal}` by default, `--redis-prefix`: one Cluster slot per queue)
 //!
 //! | key | type | what |
 //! |---|---|---|
 //! | `{p}:jobs` | stream, group `workers` | one entry per delivery of a job: field `job` = id |
 //! | `{p}:job:{id}` | hash | the job: kind, payload, state, attempts, result/error, times; expires `--job-ttl` after it ends |
-//! | `{p}:idem:{key}` | string | job id for an `Idempotency-Key`, expires with `--idempotency-ttl` |
+//! | `{p}:idem:{key}` | string | `{id} {fingerprint}` for an `Idempotency-Key` (`{p}:idemo:{owner hash}:{key}` with an owner); expires with the job's record |
 //! | `{p}:delayed` | sorted set | job ids waiting for a retry, scored by due time (ms) |
 //! | `{p}:dead` | stream | dead letters: `job`, `kind`, `error`, `attempts` |
 //! | `{p}:open` | string (counter) | jobs not yet in a terminal state: the queue bound |
+//! | `{p}:open_bytes` | string (counter) | their payload bytes: the byte budget |
 
 mod api;
 mod batch;
+mod connection;
+mod delivery;
 mod executor;
 mod keys;
+pub mod migrate;
 mod model;
 mod scripts;
 mod store;
 
-pub use api::JobsApi;
+pub use api::{JobsApi, MAX_BATCH_JOBS};
+pub use connection::{Connection, PoolSettings, RedisPool, Topology, UrlError};
 pub use executor::{JobRunner, RunnerConfig, RunnerStats};
 pub use keys::Keys;
 pub use model::{JobId, JobRecord, JobState, NewJob, ParseJobIdError};

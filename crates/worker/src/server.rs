@@ -1,8 +1,11 @@
 //! Binding, serving and draining a worker.
 //!
-//! Shutdown is a sequence: readiness off and health `NOT_SERVING` for every
-//! service name, new calls refused, in-flight calls finish within the grace
-//! (then they are cancelled), the admin listener stops last.
+//! Serving and the shutdown sequence are [`shoal_service::GrpcServer`]'s:
+//! readiness off and health `NOT_SERVING` for every service name while calls
+//! are still served through the drain delay; then no new calls (GOAWAY),
+//! in-flight calls finish within the grace (then they are cancelled). The job
+//! executor stops claiming at the signal and finishes or hands back its jobs
+//! under the grace; the admin listener stops last.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,34 +13,33 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_proto::worker::v1::worker_service_server::{SERVICE_NAME, WorkerServiceServer};
-use shoal_telemetry::admin::{self, Readiness};
+use shoal_service::admin::{self, Readiness};
+use shoal_service::{DrainSettings, GrpcServer};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 
 use crate::Config;
-use crate::jobs::{JobRunner, JobStore, JobsApi, Keys, RunnerConfig, StoreConfig};
+use crate::jobs::{JobRunner, JobStore, JobsApi, Keys, PoolSettings, RedisPool, RunnerConfig, StoreConfig, Topology};
+
+/// Most pooled connections to a Redis Cluster (`--redis-pool-size` caps it
+/// lower).
+const CLUSTER_POOL_SIZE: usize = 8;
 use crate::runner::{Runner, Stats};
 use crate::service::Service;
 use crate::tasks::TaskRegistry;
-
-/// After the last task ends during a drain, how long connections get to
-/// deliver their responses and close before the server is dropped. Bounds
-/// the drain when a client holds a stream open (a health `Watch`).
-const LINGER: Duration = Duration::from_millis(500);
 
 /// A listener could not be bound.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Bind(#[from] shoal_telemetry::net::BindError),
-    #[error("invalid redis url")]
-    RedisUrl(#[source] deadpool_redis::CreatePoolError),
+    Bind(#[from] shoal_service::net::BindError),
+    #[error(transparent)]
+    RedisUrl(#[from] crate::jobs::UrlError),
+    #[error("cannot serve grpc over tls")]
+    Tls(#[from] shoal_tls::TlsError),
 }
 
 /// The service failed while running (shared by every gRPC service).
-pub use shoal_telemetry::grpc::RunError;
+pub use shoal_service::RunError;
 
 /// A bound, not yet serving, worker.
 #[derive(Debug)]
@@ -48,6 +50,7 @@ pub struct Worker {
     readiness: Readiness,
     runner: Arc<Runner>,
     jobs: Option<JobStore>,
+    tls: Option<shoal_tls::ServerTls>,
 }
 
 impl Worker {
@@ -55,7 +58,9 @@ impl Worker {
     ///
     /// # Errors
     ///
-    /// [`StartError::Bind`] when an address is taken or not allowed.
+    /// [`StartError::Tls`] for unusable certificate files (checked before
+    /// anything binds); [`StartError::Bind`] when an address is taken or not
+    /// allowed.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         Self::bind_with(config, TaskRegistry::builtin()).await
     }
@@ -66,11 +71,15 @@ impl Worker {
     ///
     /// As [`Worker::bind`].
     pub async fn bind_with(config: Config, registry: TaskRegistry) -> Result<Self, StartError> {
-        let grpc = shoal_telemetry::net::bind("grpc", config.grpc_addr).await?;
-        let admin = shoal_telemetry::net::bind("admin", config.admin_addr).await?;
-        let jobs = config.jobs.redis_url.as_deref().map(|url| job_store(url, &config.jobs)).transpose()?;
+        let tls = match config.tls.files()? {
+            Some(files) => Some(shoal_tls::ServerTls::load(&files)?.reloading(shoal_tls::RELOAD_INTERVAL)),
+            None => None,
+        };
+        let grpc = shoal_service::net::bind("grpc", config.grpc_addr).await?;
+        let admin = shoal_service::net::bind("admin", config.admin_addr).await?;
+        let jobs = config.jobs.topology().map(|topology| job_store(&topology, &config.jobs)).transpose()?;
         let runner = Arc::new(Runner::new(registry, config.max_concurrency as usize));
-        Ok(Self { config, grpc, admin, readiness: Readiness::new(), runner, jobs })
+        Ok(Self { config, grpc, admin, readiness: Readiness::new(), runner, jobs, tls })
     }
 
     /// The bound gRPC address.
@@ -98,8 +107,8 @@ impl Worker {
         self.runner.stats().clone()
     }
 
-    /// Serves until `shutdown` resolves, then drains in-flight calls for at
-    /// most the configured grace (cancelling what is left) and returns.
+    /// Serves until `shutdown` resolves, then drains per the
+    /// [module docs](self) and returns.
     ///
     /// # Errors
     ///
@@ -108,11 +117,19 @@ impl Worker {
         let grpc_addr = self.grpc_addr();
         let admin_addr = self.admin_addr();
         let worker_id = self.worker_id();
-        let Self { config, grpc, admin, readiness, runner, jobs } = self;
+        let Self { config, grpc, admin, readiness, runner, jobs, tls } = self;
+        let mutual_tls = tls.as_ref().map(shoal_tls::ServerTls::is_mutual);
 
-        let (health, health_service) = tonic_health::server::health_reporter();
-        set_health(&health, ServingStatus::NotServing).await;
-        let (reflection_v1, reflection_v1alpha) = shoal_proto::reflection::services();
+        let grpc = GrpcServer::new(
+            grpc,
+            readiness.clone(),
+            DrainSettings { delay: config.drain_delay, grace: config.shutdown_grace },
+        )
+        .tls(tls)
+        .health(&[SERVICE_NAME])
+        .descriptors(&[shoal_proto::FILE_DESCRIPTOR_SET])
+        .map_response(crate::error::oversized_as_resource_exhausted::<tonic::body::Body>);
+        let stages = grpc.stages();
 
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_task = tokio::spawn(admin::serve(admin, readiness.clone(), async {
@@ -122,7 +139,9 @@ impl Worker {
         let max_message = config.max_message_bytes as usize;
         let registry = runner.registry().clone();
         let jobs_api = JobsApi::new(jobs.clone(), registry.clone(), &config.jobs);
-        let stop_jobs = tokio_util::sync::CancellationToken::new();
+        // The executor stops claiming jobs at the signal and finishes (or
+        // hands back) the ones it holds under the grace.
+        let stop_jobs = stages.draining();
         let job_tasks = jobs.map(|store| {
             let runner = JobRunner::new(
                 store.clone(),
@@ -134,53 +153,46 @@ impl Worker {
                     reaper_interval: config.jobs.reaper_interval,
                     retry_base: config.jobs.retry_base,
                     retry_max: config.jobs.retry_max,
+                    max_result_bytes: config.jobs.max_result_bytes as usize,
                 },
             );
             readiness.set("redis", false);
             let monitor = tokio::spawn(watch_redis(store, readiness.clone(), stop_jobs.clone()));
-            let executor = tokio::spawn(runner.run(stop_jobs.clone(), config.shutdown_grace));
+            // No job runs while the old key layout holds jobs (migrated
+            // first with --redis-migrate-legacy-keys).
+            let (migrate, grace, ready, stop) =
+                (config.jobs.redis_migrate_legacy_keys, config.shutdown_grace, readiness.clone(), stop_jobs.clone());
+            let executor = tokio::spawn(async move {
+                if crate::jobs::migrate::prepare(&runner.store, migrate, &ready, &stop).await {
+                    runner.run_or_exit(stop, grace, ready).await;
+                }
+            });
             (monitor, executor)
         });
-        let service = Service { runner: Arc::clone(&runner), worker_id: worker_id.as_str().into(), jobs: jobs_api };
-        let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder()
-            .layer(shoal_telemetry::grpc::ServerLayer)
-            .layer(tower::util::MapResponseLayer::new(
-                crate::error::oversized_as_resource_exhausted::<tonic::body::Body>,
-            ))
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(WorkerServiceServer::new(service).max_decoding_message_size(max_message))
-            .serve_with_incoming_shutdown(shoal_telemetry::net::incoming(grpc), async {
-                let _ = grpc_stopped.await;
-            });
-        let mut server = tokio::spawn(server);
-
-        set_health(&health, ServingStatus::Serving).await;
-        readiness.mark_started();
-        tracing::info!(
-            grpc_addr = %grpc_addr,
-            admin_addr = %admin_addr,
-            worker_id,
-            max_concurrency = config.max_concurrency,
-            "listening"
-        );
-
-        let result = tokio::select! {
-            () = shutdown => {
-                tracing::info!(grace_ms = config.shutdown_grace.as_millis() as u64, "draining");
-                // Refuse new tasks first: whoever sees readiness or health
-                // flip can rely on new calls being refused.
+        // Tasks still running when the grace is over are cancelled.
+        let abandon = tokio::spawn({
+            let (runner, abandoning) = (Arc::clone(&runner), stages.abandoning());
+            async move {
+                abandoning.cancelled().await;
                 runner.start_draining();
-                readiness.mark_draining();
-                set_health(&health, ServingStatus::NotServing).await;
-                let _ = stop_grpc.send(());
-                stop_jobs.cancel();
-                drain(&runner, &mut server, config.shutdown_grace).await
+                runner.cancel_all();
             }
-            finished = &mut server => shoal_telemetry::grpc::server_outcome(finished),
+        });
+        let service = Service { runner: Arc::clone(&runner), worker_id: worker_id.as_str().into(), jobs: jobs_api };
+        let routes =
+            tonic::service::Routes::new(WorkerServiceServer::new(service).max_decoding_message_size(max_message));
+        let announce = || {
+            tracing::info!(
+                grpc_addr = %grpc_addr,
+                admin_addr = %admin_addr,
+                worker_id,
+                max_concurrency = config.max_concurrency,
+                grpc_tls = shoal_tls::mode(mutual_tls),
+                "listening"
+            );
         };
+        let result = grpc.serve(routes, shutdown, announce).await;
+        abandon.abort();
         stop_jobs.cancel();
         if let Some((monitor, executor)) = job_tasks {
             // The executor bounds its own drain by the grace; this bound only
@@ -197,33 +209,43 @@ impl Worker {
     }
 }
 
-fn job_store(url: &str, config: &crate::config::JobsConfig) -> Result<JobStore, StartError> {
-    let mut pool_config = deadpool_redis::Config::from_url(url);
-    let timeouts = deadpool_redis::Timeouts {
-        wait: Some(Duration::from_secs(2)),
-        create: Some(Duration::from_secs(2)),
-        recycle: Some(Duration::from_secs(2)),
+fn job_store(topology: &Topology, config: &crate::config::JobsConfig) -> Result<JobStore, StartError> {
+    // A cluster connection is multiplexed over every primary already; a
+    // few per worker are plenty (each is one socket per node).
+    let size = match topology {
+        Topology::Cluster { .. } => (config.redis_pool_size as usize).min(CLUSTER_POOL_SIZE),
+        _ => config.redis_pool_size as usize,
     };
-    pool_config.pool =
-        Some(deadpool_redis::PoolConfig { max_size: config.redis_pool_size as usize, timeouts, ..Default::default() });
-    let pool = pool_config.create_pool(Some(deadpool_redis::Runtime::Tokio1)).map_err(StartError::RedisUrl)?;
-    Ok(JobStore::new(
-        pool,
+    let pool = |max_size: usize| RedisPool::new(topology, PoolSettings { max_size, wait: Duration::from_secs(2) });
+    let store = JobStore::new(
+        pool(size)?,
         Keys::new(config.redis_prefix.clone()),
         StoreConfig {
             job_ttl: config.job_ttl,
             idempotency_ttl: config.idempotency_ttl,
             max_open: config.max_queued_jobs,
+            max_open_bytes: config.max_queued_bytes,
+            max_deliveries: config.max_deliveries,
+            dead_letter_cap: config.max_dead_letters,
         },
-    ))
+    );
+    // Lease renewals get connections of their own: API traffic on the
+    // shared pool can never starve them.
+    Ok(store.with_lease_pool(pool(2)?))
 }
 
-/// Keeps the `redis` readiness condition current: pinged every second.
+/// Keeps the `redis` readiness condition and the `worker_redis_up` gauge
+/// current: pinged every second.
 async fn watch_redis(store: JobStore, readiness: Readiness, stop: tokio_util::sync::CancellationToken) {
+    let up = shoal_telemetry::metrics::meter("shoal-worker")
+        .u64_gauge("worker_redis_up")
+        .with_description("1 while this worker reaches its Redis (its readiness condition), else 0")
+        .build();
     let mut was_ok = None;
     while !stop.is_cancelled() {
         let ok = matches!(tokio::time::timeout(Duration::from_secs(2), store.ping()).await, Ok(Ok(())));
         readiness.set("redis", ok);
+        up.record(u64::from(ok), &[]);
         if was_ok != Some(ok) {
             if ok {
                 tracing::info!("redis reachable");
@@ -235,46 +257,6 @@ async fn watch_redis(store: JobStore, readiness: Readiness, stop: tokio_util::sy
         tokio::select! {
             () = stop.cancelled() => {}
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
-}
-
-async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    health.set_service_status("", status).await;
-    health.set_service_status(SERVICE_NAME, status).await;
-}
-
-/// Waits for in-flight tasks, at most `grace`; then cancels what is left and
-/// gives connections [`LINGER`] to deliver the last responses.
-async fn drain(
-    runner: &Runner,
-    server: &mut JoinHandle<Result<(), tonic::transport::Error>>,
-    grace: Duration,
-) -> Result<(), RunError> {
-    let stats = runner.stats().clone();
-    let settled = tokio::time::timeout(grace, async {
-        tokio::select! {
-            finished = &mut *server => Some(shoal_telemetry::grpc::server_outcome(finished)),
-            () = stats.idle() => None,
-        }
-    })
-    .await;
-    let result = match settled {
-        Ok(Some(result)) => return result,
-        Ok(None) => Ok(()),
-        Err(_) => {
-            tracing::warn!(in_flight = stats.in_flight(), "grace period over, cancelling in-flight tasks");
-            runner.cancel_all();
-            Ok(())
-        }
-    };
-    match tokio::time::timeout(LINGER, &mut *server).await {
-        Ok(finished) => shoal_telemetry::grpc::server_outcome(finished),
-        Err(_) => {
-            tracing::warn!("connections still open after the drain, closing them");
-            runner.cancel_all();
-            server.abort();
-            result
         }
     }
 }

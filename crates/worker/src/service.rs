@@ -7,7 +7,7 @@ use std::time::Duration;
 use shoal_proto::worker::v1::worker_service_server::WorkerService;
 use shoal_proto::worker::v1::{
     CancelJobRequest, ExecuteRequest, ExecuteResponse, GetJobRequest, Job, KindInfo, ListKindsRequest,
-    ListKindsResponse, SubmitJobRequest, SubmitJobResponse,
+    ListKindsResponse, SubmitJobRequest, SubmitJobResponse, SubmitJobsRequest, SubmitJobsResponse,
 };
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -55,16 +55,30 @@ impl WorkerService for Service {
     }
 
     async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
-        Ok(Response::new(self.jobs.submit(request.into_inner()).await?))
+        Ok(Response::new(self.jobs.submit(request.into_inner(), current_traceparent()).await?))
+    }
+
+    async fn submit_jobs(&self, request: Request<SubmitJobsRequest>) -> Result<Response<SubmitJobsResponse>, Status> {
+        Ok(Response::new(self.jobs.submit_many(request.into_inner(), current_traceparent()).await?))
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(self.jobs.get(&request.into_inner().id).await?))
+        let GetJobRequest { id, owner } = request.into_inner();
+        Ok(Response::new(self.jobs.get(&id, owner.as_deref()).await?))
     }
 
     async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(self.jobs.cancel(&request.into_inner().id).await?))
+        let CancelJobRequest { id, owner } = request.into_inner();
+        Ok(Response::new(self.jobs.cancel(&id, owner.as_deref()).await?))
     }
+}
+
+/// The W3C `traceparent` of the current span (the call's `grpc.server`
+/// span, a child of the caller's trace), to store with a submitted job.
+fn current_traceparent() -> Option<String> {
+    let mut headers = http::HeaderMap::new();
+    shoal_telemetry::propagation::inject(&tracing::Span::current(), &mut headers);
+    headers.get("traceparent").and_then(|value| value.to_str().ok()).map(str::to_owned)
 }
 
 /// When the worker stops the call: the caller's `grpc-timeout` (if any),

@@ -9,8 +9,10 @@
 //! 1. Write `src/tasks/<kind>.rs` with a unit struct implementing [`Task`]:
 //!    parse the payload into a typed input with [`parse_payload`] (a
 //!    `#[serde(deny_unknown_fields)]` struct; check ranges and return
-//!    [`TaskError::InvalidPayload`] saying what to fix), do the work, and
-//!    return the output. Wait with `tokio::select!` on
+//!    [`TaskError::InvalidPayload`] saying what to fix; integers through
+//!    [`whole_number`]), do the work, and return the output. Implement
+//!    [`Task::validate`] with the same checks, so a job of the kind with a
+//!    payload it cannot take is refused when it is submitted, not when it runs. Wait with `tokio::select!` on
 //!    [`TaskContext::cancelled`]; move CPU work over ~0.5 ms to
 //!    `spawn_blocking`, taking a clone of the context along and checking
 //!    [`TaskContext::is_cancelled`] every few milliseconds of work.
@@ -58,6 +60,18 @@ pub trait Task: Send + Sync + 'static {
     /// [`TaskError::Cancelled`] when it stopped because the token fired, and
     /// [`TaskError::Internal`] for a bug.
     fn run(&self, payload: Value, ctx: TaskContext) -> BoxFuture<'static, Result<Value, TaskError>>;
+
+    /// Checks, without running anything, that `payload_json` (valid JSON
+    /// text) is a payload this kind takes: a job is validated this way when
+    /// it is submitted. The default takes any JSON value.
+    ///
+    /// # Errors
+    ///
+    /// [`TaskError::InvalidPayload`] saying what to fix.
+    fn validate(&self, payload_json: &str) -> Result<(), TaskError> {
+        let _ = payload_json;
+        Ok(())
+    }
 }
 
 /// Why a task did not produce an output.
@@ -85,6 +99,60 @@ pub enum TaskError {
 /// [`TaskError::InvalidPayload`] naming the missing, unknown or mistyped field.
 pub fn parse_payload<T: DeserializeOwned>(payload: Value) -> Result<T, TaskError> {
     serde_json::from_value(payload).map_err(|e| TaskError::InvalidPayload(format!("invalid payload: {e}")))
+}
+
+/// Parses a payload's JSON text straight into a kind's typed input (no
+/// [`Value`] tree), with the messages of [`parse_payload`].
+///
+/// # Errors
+///
+/// [`TaskError::InvalidPayload`] naming the missing, unknown or mistyped field.
+pub fn parse_payload_text<T: DeserializeOwned>(payload_json: &str) -> Result<T, TaskError> {
+    serde_json::from_str(payload_json).map_err(|e| TaskError::InvalidPayload(format!("invalid payload: {e}")))
+}
+
+/// Deserializes a non-negative integer written either as a JSON integer
+/// (`3`) or as a number with a zero fractional part (`3.0`, `3e0`): JSON
+/// Schema's `"type": "integer"`, which the OpenAPI document uses, admits
+/// both, and so do the payloads. `1.5` is an invalid type, `-1` and numbers
+/// above 2^53 (where a float no longer names one integer) invalid values.
+///
+/// # Errors
+///
+/// The deserializer's error for anything else.
+pub fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    deserializer.deserialize_any(WholeNumber)
+}
+
+/// The largest float that names exactly one integer, 2^53.
+const MAX_EXACT_FLOAT: f64 = 9_007_199_254_740_992.0;
+
+struct WholeNumber;
+
+impl serde::de::Visitor<'_> for WholeNumber {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a non-negative integer")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u64, E> {
+        Ok(v)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u64, E> {
+        u64::try_from(v).map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<u64, E> {
+        if v.fract() != 0.0 || !v.is_finite() {
+            Err(E::invalid_type(serde::de::Unexpected::Float(v), &self))
+        } else if (0.0..=MAX_EXACT_FLOAT).contains(&v) {
+            Ok(v as u64)
+        } else {
+            Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+        }
+    }
 }
 
 /// What a running task can see of its surroundings. Cloning is cheap; a clone
@@ -263,6 +331,27 @@ mod tests {
         assert!(message(serde_json::json!({})).contains("missing field `ms`"));
         assert!(message(serde_json::json!({"ms": "1"})).contains("invalid type: string"));
         assert!(message(serde_json::json!({"ms": 1, "msx": 2})).contains("unknown field `msx`"));
+    }
+
+    #[test]
+    fn integers_may_be_written_with_a_zero_fraction() {
+        #[derive(Debug, serde::Deserialize)]
+        struct Input {
+            #[serde(deserialize_with = "whole_number")]
+            n: u64,
+        }
+        let n = |text: &str| parse_payload_text::<Input>(text).map(|input| input.n).map_err(|e| e.to_string());
+        assert_eq!(n(r#"{"n": 31152}"#), Ok(31152));
+        assert_eq!(n(r#"{"n": 31152.0}"#), Ok(31152));
+        assert_eq!(n(r#"{"n": 3.1152e4}"#), Ok(31152));
+        assert_eq!(n(r#"{"n": 0.0}"#), Ok(0));
+        assert!(n(r#"{"n": 1.5}"#).unwrap_err().contains("invalid type: floating point `1.5`"));
+        assert!(n(r#"{"n": -1}"#).unwrap_err().contains("invalid value: integer `-1`"));
+        assert!(n(r#"{"n": -1.0}"#).unwrap_err().contains("invalid value"));
+        assert!(n(r#"{"n": 1e300}"#).unwrap_err().contains("invalid value"));
+        assert!(n(r#"{"n": "1"}"#).unwrap_err().contains("invalid type: string"));
+        let via_value = parse_payload::<Input>(serde_json::json!({"n": 7.0})).unwrap();
+        assert_eq!(via_value.n, 7);
     }
 
     #[test]

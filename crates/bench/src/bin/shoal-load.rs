@@ -9,7 +9,9 @@
 //! shoal-load startup --ready-url http://127.0.0.1:9090/readyz --runs 5 -- target/release/shoal-gateway …
 //! ```
 //! `run` prints one JSON report on stdout (see `shoal_bench::load::Report`)
-//! and a one-line summary on stderr; `startup` prints one JSON object.
+//! and a one-line summary on stderr; SIGINT or SIGTERM ends its schedule
+//! early and still prints the report of what was scheduled before it.
+//! `startup` prints one JSON object.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -64,7 +66,10 @@ fn main() -> anyhow::Result<()> {
             } else {
                 tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
             };
-            let report = runtime.block_on(load::run(*config))?;
+            let report = runtime.block_on(async {
+                let stop = stop_signal()?;
+                anyhow::Ok(load::run_until(*config, stop).await?)
+            })?;
             eprintln!(
                 "{:<28} {:>9.0} req/s  ok {:>8}  err {:>5}  timeout {:>5}  unfinished {:>5}  p50 {:>8.3} ms  p99 {:>8.3} ms  max {:>8.3} ms",
                 report.label,
@@ -108,4 +113,18 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Resolves at the first SIGINT or SIGTERM (installed before the run starts,
+/// so an early signal is not lost).
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    let mut terminate = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
 }

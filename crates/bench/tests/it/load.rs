@@ -148,3 +148,41 @@ async fn a_ramped_closed_loop_still_sends_every_request() {
     assert_eq!((report.sent, report.ok, report.errors, report.unfinished), (20, 20, 0, 0), "{report:?}");
     assert!(report.achieved_rps > 0.0);
 }
+
+#[tokio::test]
+async fn an_early_stop_ends_the_schedule_and_reports_what_was_scheduled_before_it() {
+    let (addr, _stop) = spawn_hello().await;
+    let url = format!("http://{addr}/");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let run = tokio::spawn(load::run_until(
+        config(&[
+            "--url",
+            &url,
+            "--mode",
+            "open",
+            "--rate",
+            "200",
+            "--duration",
+            "60s",
+            "--warmup",
+            "0s",
+            "--connections",
+            "4",
+        ]),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(()).unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the run ends soon after the stop")
+        .unwrap()
+        .unwrap();
+    // Not the 12,000 requests of the full minute: about 0.5 s worth.
+    assert!(report.sent > 0 && report.sent < 1_000, "{report:?}");
+    assert_eq!(report.ok, report.sent, "every request scheduled before the stop completed: {report:?}");
+    assert_eq!((report.errors, report.timeouts, report.unfinished), (0, 0, 0));
+    assert!(report.window_s < 5.0, "{report:?}");
+}

@@ -19,15 +19,17 @@
 //! reachable, `504` when it does not answer in time, `502` otherwise.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use serde::{Deserialize, Serialize};
+use shoal_proto::aggregator::v1::aggregator_service_client::AggregatorServiceClient;
 use shoal_proto::aggregator::v1::{Grouping, Selector, WindowRequest, WindowSeries};
 
 use super::AppState;
 use crate::problem::ApiError;
+use crate::upstream::Policy;
 
 const GRPC_SERVER_ERRORS: [&str; 6] =
     ["UNKNOWN", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "DEADLINE_EXCEEDED", "UNIMPLEMENTED"];
@@ -87,26 +89,32 @@ fn selector(metric: &str, group_by: Option<&str>) -> Selector {
 ///
 /// `400` for a window outside 1..=3600; the aggregator's failures as `502`,
 /// `503` or `504`.
-pub async fn stats(State(state): State<AppState>, Query(query): Query<StatsQuery>) -> Result<Json<Stats>, ApiError> {
+pub async fn stats(
+    State(state): State<AppState>,
+    query: Result<Query<StatsQuery>, QueryRejection>,
+) -> Result<Json<Stats>, ApiError> {
+    let Query(query) = query?;
     let window_seconds = query.window.unwrap_or(60);
     if !(1..=3600).contains(&window_seconds) {
         return Err(ApiError::BadRequest(format!("window must be 1..=3600 seconds, got {window_seconds}")));
     }
     let timeout = state.status_timeout;
     let call = |metric: &'static str, group_by: Option<&'static str>| {
-        let mut client = state.aggregator.clone();
+        let message = WindowRequest {
+            selector: Some(selector(metric, group_by)),
+            window_seconds,
+            quantiles: vec![0.5, 0.9, 0.99],
+        };
+        let aggregator = &state.aggregator;
         async move {
-            let mut request = tonic::Request::new(WindowRequest {
-                selector: Some(selector(metric, group_by)),
-                window_seconds,
-                quantiles: vec![0.5, 0.9, 0.99],
-            });
-            request.set_timeout(timeout);
-            match tokio::time::timeout(timeout, client.window(request)).await {
-                Ok(Ok(response)) => Ok(response.into_inner().series),
-                Ok(Err(status)) => Err(aggregator_error(status, timeout)),
-                Err(_) => Err(ApiError::Timeout(timeout)),
-            }
+            let response = aggregator
+                .call(timeout, Policy::QUERY, |channel, left| {
+                    let mut request = tonic::Request::new(message.clone());
+                    request.set_timeout(left);
+                    async move { AggregatorServiceClient::new(channel).window(request).await }
+                })
+                .await?;
+            Ok::<_, ApiError>(response.series)
         }
     };
     let (http, http_latency, grpc, grpc_latency, jobs) = tokio::join!(
@@ -165,15 +173,5 @@ fn latency(
             let t = slot(services.entry(s.service.clone()).or_default()).get_or_insert_with(Traffic::default);
             t.latency_seconds = Some(Latency { p50, p90, p99 });
         }
-    }
-}
-
-fn aggregator_error(status: tonic::Status, timeout: Duration) -> ApiError {
-    match status.code() {
-        tonic::Code::Unavailable => {
-            ApiError::UpstreamUnavailable { upstream: "aggregator", cause: status.message().to_owned() }
-        }
-        tonic::Code::DeadlineExceeded => ApiError::Timeout(timeout),
-        code => ApiError::BadGateway(format!("aggregator answered {code:?}: {}", status.message())),
     }
 }

@@ -18,7 +18,6 @@
 //! This route is for humans and monitors; Kubernetes probes use the admin
 //! listener's `/readyz`, which never depends on other services.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Json;
@@ -33,7 +32,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use super::AppState;
-use crate::discovery::GrpcChannel;
+use crate::upstream::Upstream;
 
 #[derive(Debug, Serialize)]
 struct Status {
@@ -64,25 +63,25 @@ impl Component {
 pub async fn status(State(state): State<AppState>) -> Response {
     let timeout = state.status_timeout;
     let (worker, aggregator) = tokio::join!(
-        check(state.worker_health.clone(), WORKER_SERVICE, &state.worker_endpoints, timeout),
-        check(state.aggregator_health.clone(), AGGREGATOR_SERVICE, &state.aggregator_endpoints, timeout),
+        check(&state.worker, WORKER_SERVICE, timeout),
+        check(&state.aggregator, AGGREGATOR_SERVICE, timeout),
     );
     let healthy = worker.serving() && aggregator.serving();
     let (code, status) = if healthy { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "degraded") };
     (code, Json(Status { status, components: Components { worker, aggregator } })).into_response()
 }
 
-async fn check(
-    mut client: HealthClient<GrpcChannel>,
-    service: &'static str,
-    endpoints: &AtomicUsize,
-    timeout: Duration,
-) -> Component {
-    let endpoints = endpoints.load(Ordering::Relaxed);
+async fn check(upstream: &Upstream, service: &'static str, timeout: Duration) -> Component {
+    let counts = upstream.endpoints();
+    let endpoints = counts.serving();
     let down = |detail: String| Component { status: "down", detail, endpoints };
-    if endpoints == 0 {
+    if counts.resolved() == 0 {
         return down("no address resolved".into());
     }
+    if endpoints == 0 {
+        return down("no address serving".into());
+    }
+    let mut client = HealthClient::new(upstream.channel());
     let mut request = tonic::Request::new(HealthCheckRequest { service: service.to_owned() });
     request.set_timeout(timeout);
     match tokio::time::timeout(timeout, client.check(request)).await {

@@ -12,19 +12,21 @@
 //! stops working when the caller stops waiting, and also bounds this handler:
 //! when it passes, the answer is `504` and the gRPC call is cancelled.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use shoal_proto::worker::v1::ExecuteRequest;
+use shoal_proto::worker::v1::worker_service_client::WorkerServiceClient;
 
 use super::AppState;
+use crate::body::RawJson;
 use crate::problem::ApiError;
+use crate::upstream::Policy;
 
 /// The header that carries the caller's deadline, in seconds.
 pub const REQUEST_TIMEOUT: &str = "request-timeout";
@@ -73,24 +75,10 @@ pub fn deadline(header: Option<&HeaderValue>, default: Duration, max: Duration) 
     }
 }
 
-/// The JSON body, with every rejection turned into a problem.
-pub struct TaskPayload(serde_json::Value);
-
-impl FromRequest<AppState> for TaskPayload {
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        match Json::<serde_json::Value>::from_request(request, state).await {
-            Ok(Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(ApiError::from_json(rejection, state.max_body_bytes)),
-        }
-    }
-}
-
 #[derive(Serialize)]
 struct TaskResult {
     kind: String,
-    output: serde_json::Value,
+    output: Box<serde_json::value::RawValue>,
     worker_id: String,
     duration_us: u64,
 }
@@ -100,35 +88,29 @@ struct TaskResult {
 /// # Errors
 ///
 /// Bad input (`400`, `413`, `415`), the worker's errors mapped by
-/// [`ApiError::from_worker`], `504` when the deadline passes.
+/// [`ApiError::from_status`], `504` when the deadline passes.
 pub async fn execute(
     State(state): State<AppState>,
     kind: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    TaskPayload(payload): TaskPayload,
+    RawJson(payload): RawJson,
 ) -> Result<Response, ApiError> {
     let TaskKind(kind) = TaskKind::parse(kind?.0)?;
     let deadline = deadline(headers.get(REQUEST_TIMEOUT), state.default_timeout, state.max_timeout)?;
-    if state.worker_endpoints.load(Ordering::Relaxed) == 0 {
-        return Err(ApiError::UpstreamUnavailable { upstream: "worker", cause: "no worker address resolved".into() });
-    }
-    let message = ExecuteRequest { kind: kind.clone(), payload_json: payload.to_string() };
+    let message = ExecuteRequest { kind: kind.clone(), payload_json: payload };
     let started = Instant::now();
-    let call = crate::discovery::retry_unconnected(|| {
-        let mut request = tonic::Request::new(message.clone());
-        request.set_timeout(deadline);
-        let mut worker = state.worker.clone();
-        async move { worker.execute(request).await }
-    });
-    let response = match tokio::time::timeout(deadline, call).await {
-        Ok(Ok(response)) => response.into_inner(),
-        Ok(Err(status)) => return Err(ApiError::from_worker(status, deadline)),
-        // Dropping the call resets its HTTP/2 stream: the worker cancels too.
-        Err(_) => return Err(ApiError::Timeout(deadline)),
-    };
-    let output = serde_json::from_str(&response.output_json).map_err(|error| {
+    let response = state
+        .worker
+        .call(deadline, Policy::TASK, |channel, left| {
+            let mut request = tonic::Request::new(message.clone());
+            request.set_timeout(left);
+            async move { WorkerServiceClient::new(channel).execute(request).await }
+        })
+        .await?;
+    crate::body::validate(response.output_json.as_bytes()).map_err(|error| {
         ApiError::BadGateway(format!("worker {} returned invalid output JSON: {error}", response.worker_id))
     })?;
+    let output = crate::body::raw(response.output_json);
     tracing::debug!(worker_id = %response.worker_id, elapsed_us = started.elapsed().as_micros() as u64, "task done");
     Ok(Json(TaskResult { kind, output, worker_id: response.worker_id, duration_us: response.duration_us })
         .into_response())

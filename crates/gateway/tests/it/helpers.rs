@@ -126,6 +126,9 @@ pub async fn spawn_gateway(workers: &[SocketAddr], aggregators: &[SocketAddr], e
         "--shutdown-grace",
         "2s",
     ];
+    if !extra.iter().any(|arg| *arg == "--auth" || *arg == "--api-keys-file") {
+        args.extend(["--auth", "none"]);
+    }
     args.extend_from_slice(extra);
     let config = Config::try_parse_from(args).expect("gateway config");
     let worker_resolver = StaticResolver::new(workers.iter().copied());

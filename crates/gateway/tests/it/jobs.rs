@@ -29,6 +29,10 @@ impl TestGateway {
         self.http.get(format!("{}/v1/jobs/{id}", self.url)).send().await.expect("request")
     }
 
+    async fn cancel(&self, id: &str) -> reqwest::Response {
+        self.http.post(format!("{}/v1/jobs/{id}/cancel", self.url)).send().await.expect("request")
+    }
+
     async fn wait_for(&self, id: &str, state: &str) -> Value {
         eventually(Duration::from_secs(10), || async {
             let job: Value = self.job(id).await.json().await.ok()?;
@@ -72,6 +76,10 @@ async fn an_idempotency_key_never_makes_a_second_job() {
     assert_eq!(second.headers()["idempotent-replayed"], "true");
     let second: Value = second.json().await.unwrap();
     assert_eq!(first["id"], second["id"]);
+    // The same key with another request: 422, not a 502 or another job.
+    let other = gateway.submit(json!({"kind": "echo", "payload": 2}), Some("pay-2026-11-27-0001")).await;
+    let problem = expect_problem(other, 422).await;
+    assert_eq!(problem["type"], "urn:shoal:problem:idempotency-key-reused");
 }
 
 #[tokio::test]
@@ -82,10 +90,10 @@ async fn jobs_can_be_cancelled_and_failures_are_visible() {
         gateway.submit(json!({"kind": "sleep", "payload": {"ms": 60000}}), None).await.json().await.unwrap();
     let id = running["id"].as_str().unwrap();
     gateway.wait_for(id, "running").await;
-    let cancel = gateway.http.delete(format!("{}/v1/jobs/{id}", gateway.url)).send().await.unwrap();
+    let cancel = gateway.cancel(id).await;
     assert_eq!(cancel.status(), 202);
     gateway.wait_for(id, "cancelled").await;
-    let again = gateway.http.delete(format!("{}/v1/jobs/{id}", gateway.url)).send().await.unwrap();
+    let again = gateway.cancel(id).await;
     let problem = expect_problem(again, 409).await;
     assert!(detail(&problem).contains("already ended"), "{problem}");
 
@@ -111,13 +119,38 @@ async fn bad_job_requests_get_precise_problems() {
         (json!({"kind": "echo", "max_attempts": 0}), 400, "max_attempts"),
         (json!({"kind": "echo", "max_attempts": 500}), 400, "max_attempts"),
         (json!({"kind": "echo", "timeout_ms": 0}), 400, "timeout_ms"),
+        (json!({"kind": "echo", "timeout_ms": 1.5}), 400, "timeout_ms"),
+        (json!({"kind": "echo", "max_attempts": -1}), 400, "max_attempts"),
+        // The kind's payload is checked when the job is submitted, as the
+        // OpenAPI document's per-kind schemas say, not when it runs.
+        (json!({"kind": "sleep"}), 400, "kind `sleep`"),
+        (json!({"kind": "sleep", "payload": {"ms": 1, "extra": 2}}), 400, "unknown field `extra`"),
+        (json!({"kind": "sleep", "payload": {"ms": 3600001}}), 400, "at most 3600000"),
+        (json!({"kind": "hash", "payload": {"data": "", "rounds": []}}), 400, "expected a non-negative integer"),
+        (json!({"kind": "fail", "payload": {"error": ""}}), 400, "1 to 1024"),
     ];
     for (body, status, needle) in cases {
         let problem = expect_problem(gateway.submit(body.clone(), None).await, status).await;
         assert!(detail(&problem).contains(needle), "{body} → {problem}");
     }
-    let bad_key = gateway.submit(json!({"kind": "echo"}), Some("white space")).await;
-    expect_problem(bad_key, 400).await;
+    // I-JSON: a lone surrogate escape is refused anywhere in the body.
+    for body in [r#"{"kind": "echo", "payload": "\ud800"}"#, r#"{"kind": "ech\udc00"}"#] {
+        let response = gateway
+            .http
+            .post(format!("{}/v1/jobs", gateway.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let problem = expect_problem(response, 400).await;
+        assert_eq!(problem["type"], "urn:shoal:problem:invalid-json", "{body} → {problem}");
+        assert!(detail(&problem).contains("surrogate"), "{body} → {problem}");
+    }
+    for key in ["white space", "", &"k".repeat(201)] {
+        let problem = expect_problem(gateway.submit(json!({"kind": "echo"}), Some(key)).await, 400).await;
+        assert!(detail(&problem).contains("Idempotency-Key"), "{key:?} → {problem}");
+    }
     expect_problem(gateway.job("not-a-job-id").await, 400).await;
     expect_problem(gateway.job("0190b0a4-7c4e-7bb2-9a55-3f1d2b6c8e01").await, 404).await;
 }
@@ -144,4 +177,40 @@ async fn redis_down_is_503_not_a_hang_or_a_500() {
     assert!(response.headers().contains_key("retry-after"));
     expect_problem(response, 503).await;
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn integers_written_with_a_zero_fraction_are_integers() {
+    // JSON Schema's `integer` (the OpenAPI document's) admits `31152.0`.
+    let redis = RedisServer::start();
+    let (gateway, _worker) = fleet(&redis, &[]).await;
+    let body = json!({"kind": "sleep", "payload": {"ms": 10.0}, "max_attempts": 2.0, "timeout_ms": 31152.0});
+    let response = gateway.submit(body, None).await;
+    assert_eq!(response.status(), 202);
+    let job: Value = response.json().await.unwrap();
+    assert_eq!((job["max_attempts"].as_u64(), job["timeout_ms"].as_u64()), (Some(2), Some(31152)));
+    gateway.wait_for(job["id"].as_str().unwrap(), "succeeded").await;
+}
+
+#[tokio::test]
+async fn a_cancelled_job_stays_readable_and_delete_is_not_a_method_of_jobs() {
+    let redis = RedisServer::start();
+    let (gateway, _worker) = fleet(&redis, &[]).await;
+    let queued: Value =
+        gateway.submit(json!({"kind": "sleep", "payload": {"ms": 60000}}), None).await.json().await.unwrap();
+    let id = queued["id"].as_str().unwrap();
+    let cancel = gateway.cancel(id).await;
+    assert_eq!(cancel.status(), 202);
+    let job: Value = cancel.json().await.unwrap();
+    assert_eq!(job["id"], id);
+    // Cancelling is not removing: the job is still there, and ends cancelled.
+    let read = gateway.job(id).await;
+    assert_eq!(read.status(), 200);
+    gateway.wait_for(id, "cancelled").await;
+    // DELETE would promise that a GET answers 404 afterwards; it is not offered.
+    let delete = gateway.http.delete(format!("{}/v1/jobs/{id}", gateway.url)).send().await.unwrap();
+    assert_eq!(delete.headers()["allow"], "GET,HEAD");
+    expect_problem(delete, 405).await;
+    expect_problem(gateway.cancel("not-a-job-id").await, 400).await;
+    expect_problem(gateway.cancel("0190b0a4-7c4e-7bb2-9a55-3f1d2b6c8e01").await, 404).await;
 }

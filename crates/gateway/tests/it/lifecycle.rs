@@ -11,7 +11,7 @@ use crate::helpers::*;
 const BIN: &str = env!("CARGO_BIN_EXE_shoal-gateway");
 
 /// Kills the child if a test fails before it exits.
-struct Process(Child);
+pub struct Process(pub Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -20,10 +20,19 @@ impl Drop for Process {
     }
 }
 
-/// Starts the binary and returns it with the `listening` line's addresses.
+/// Starts the binary (`--auth none`) and returns it with the `listening`
+/// line's addresses.
 fn start(worker: std::net::SocketAddr) -> (Process, String, String) {
+    let (process, http, admin, _) = start_with(worker, &["--auth", "none"]);
+    (process, http, admin)
+}
+
+/// Starts the binary with `extra` flags; also returns the log lines before
+/// `listening`.
+pub fn start_with(worker: std::net::SocketAddr, extra: &[&str]) -> (Process, String, String, Vec<Value>) {
     let mut child = Command::new(BIN)
         .args(["--http-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--shutdown-grace", "10s"])
+        .args(extra)
         .args(["--worker-addr", &format!("http://{worker}"), "--aggregator-addr", "http://127.0.0.1:9"])
         .env("SHOAL_LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
@@ -33,19 +42,22 @@ fn start(worker: std::net::SocketAddr) -> (Process, String, String) {
         .spawn()
         .expect("the gateway binary starts");
     let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel::<(String, String)>();
+    let (tx, rx) = std::sync::mpsc::channel::<(String, String, Vec<Value>)>();
     std::thread::spawn(move || {
+        let mut before = Vec::new();
         // Reads every line (so the pipe never fills) until the process exits.
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let Ok(json) = serde_json::from_str::<Value>(&line) else { continue };
             if json["message"] == "listening" {
                 let field = |name: &str| json[name].as_str().unwrap_or_default().to_owned();
-                let _ = tx.send((field("http_addr"), field("admin_addr")));
+                let _ = tx.send((field("http_addr"), field("admin_addr"), std::mem::take(&mut before)));
+            } else {
+                before.push(json);
             }
         }
     });
-    let (http, admin) = rx.recv_timeout(Duration::from_secs(20)).expect("a `listening` log line");
-    (Process(child), format!("http://{http}"), format!("http://{admin}"))
+    let (http, admin, before) = rx.recv_timeout(Duration::from_secs(20)).expect("a `listening` log line");
+    (Process(child), format!("http://{http}"), format!("http://{admin}"), before)
 }
 
 fn wait_exit(process: &mut Process, limit: Duration) -> Option<std::process::ExitStatus> {
@@ -119,7 +131,8 @@ fn invalid_config_exits_non_zero_naming_the_setting_before_binding() {
     let taken = held.local_addr().unwrap().to_string();
     /// Flags, environment, and the setting the error must name.
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case<'_>; 4] = [
+    let cases: [Case<'_>; 5] = [
+        (&[], &[], "SHOAL_GATEWAY_API_KEYS_FILE"),
         (&["--worker-addr", "ftp://x:1"], &[], "--worker-addr"),
         (&[], &[("SHOAL_GATEWAY_MAX_IN_FLIGHT", "0")], "SHOAL_GATEWAY_MAX_IN_FLIGHT"),
         (&["--default-timeout", "90s"], &[], "SHOAL_GATEWAY_MAX_TIMEOUT"),
@@ -128,6 +141,7 @@ fn invalid_config_exits_non_zero_naming_the_setting_before_binding() {
     for (args, env, expected) in cases {
         let output = Command::new(BIN)
             .args(["--http-addr", &taken, "--admin-addr", &taken])
+            .env_remove("SHOAL_GATEWAY_AUTH")
             .args(args)
             .envs(env.iter().copied())
             .output()
@@ -137,4 +151,13 @@ fn invalid_config_exits_non_zero_naming_the_setting_before_binding() {
         assert!(stderr.contains(expected), "{args:?} {env:?}: {stderr}");
         assert!(!stderr.contains("cannot bind"), "{stderr}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn running_without_authentication_is_a_warning_at_start() {
+    let worker = spawn_worker(&[]).await;
+    let (_process, _, _, before) = start_with(worker.addr, &["--auth", "none"]);
+    let warning = before.iter().find(|line| line["message"].as_str().unwrap_or_default().contains("--auth none"));
+    let warning = warning.unwrap_or_else(|| panic!("no --auth none line before `listening`: {before:?}"));
+    assert_eq!(warning["level"], "WARN", "{warning}");
 }

@@ -108,3 +108,59 @@ async fn requests_above_max_in_flight_are_shed() {
     assert_eq!(problem["type"], "urn:shoal:problem:overloaded");
     assert_eq!(slow.await.unwrap().unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn task_payloads_are_what_the_openapi_document_says() {
+    shoal_telemetry::init_for_tests();
+    let worker = spawn_worker(&[]).await;
+    let gateway = spawn_gateway(&[worker.addr], &[], &[]).await;
+    // `integer` in JSON Schema admits a zero fraction.
+    let body: Value = gateway.task("sleep", json!({"ms": 5.0})).await.json().await.unwrap();
+    assert_eq!(body["output"]["slept_ms"], 5, "{body}");
+    let body: Value = gateway.task("hash", json!({"data": "abc", "rounds": 2.0})).await.json().await.unwrap();
+    assert_eq!(body["output"]["rounds"], 2, "{body}");
+    // `additionalProperties: false`: an unknown field is a 400 naming it.
+    for (kind, payload) in [
+        ("sleep", json!({"ms": 1, "x": 1})),
+        ("hash", json!({"data": "", "x": 1})),
+        ("fail", json!({"error": "e", "x": 1})),
+    ] {
+        let problem = expect_problem(gateway.task(kind, payload).await, 400).await;
+        assert!(detail(&problem).contains("unknown field `x`"), "{kind}: {problem}");
+    }
+    let problem = expect_problem(gateway.task("sleep", json!({"ms": 1.5})).await, 400).await;
+    assert!(detail(&problem).contains("invalid type: floating point"), "{problem}");
+    // I-JSON: a lone surrogate is a 400 at the gateway, for every kind.
+    let response = gateway
+        .http
+        .post(format!("{}/v1/tasks/echo", gateway.url))
+        .header("content-type", "application/json")
+        .body(r#"{"a": "\ud800"}"#)
+        .send()
+        .await
+        .unwrap();
+    let problem = expect_problem(response, 400).await;
+    assert_eq!(problem["type"], "urn:shoal:problem:invalid-json", "{problem}");
+    // The fail kind answers its documented 422 for every valid payload.
+    let problem = expect_problem(gateway.task("fail", json!({"error": "0"})).await, 422).await;
+    assert_eq!(problem["type"], "urn:shoal:problem:task-failed");
+}
+
+#[tokio::test]
+async fn a_sleep_longer_than_the_deadline_is_the_documented_504() {
+    shoal_telemetry::init_for_tests();
+    let worker = spawn_worker(&[]).await;
+    let gateway = spawn_gateway(&[worker.addr], &[], &["--default-timeout", "200ms", "--max-timeout", "300ms"]).await;
+    let started = std::time::Instant::now();
+    let response = gateway
+        .http
+        .post(format!("{}/v1/tasks/sleep", gateway.url))
+        .header("request-timeout", "3600")
+        .json(&json!({"ms": 3_600_000}))
+        .send()
+        .await
+        .unwrap();
+    let problem = expect_problem(response, 504).await;
+    assert_eq!(problem["type"], "urn:shoal:problem:timeout");
+    assert!(started.elapsed() < Duration::from_secs(2), "clamped to --max-timeout");
+}

@@ -25,7 +25,7 @@ async fn one_trace_spans_gateway_and_worker() {
         shoal_telemetry::init_with("shoal-test", &config, |b| b.with_simple_exporter(exporter.clone())).unwrap();
 
     let worker = spawn_worker(&[]).await;
-    let gateway = spawn_gateway(&[worker.addr], &[], &[]).await;
+    let gateway = spawn_gateway(&[worker.addr], &[], &["--trust-traceparent", "true"]).await;
     let response = gateway
         .http
         .post(format!("{}/v1/tasks/echo", gateway.url))
@@ -61,5 +61,37 @@ async fn one_trace_spans_gateway_and_worker() {
 
     drop(gateway);
     drop(worker);
+    telemetry.shutdown(Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn an_untrusted_traceparent_is_dropped_and_the_trace_is_the_gateways_own() {
+    let exporter = InMemorySpanExporter::default();
+    let config =
+        TelemetryConfig { log_format: LogFormat::Text, log_filter: Some("off".into()), ..TelemetryConfig::default() };
+    let telemetry =
+        shoal_telemetry::init_with("shoal-test", &config, |b| b.with_simple_exporter(exporter.clone())).unwrap();
+    let gateway = spawn_gateway(&[], &[], &[]).await;
+    let response = gateway
+        .http
+        .get(format!("{}/v1/no-such-route", gateway.url))
+        .header("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01"))
+        .send()
+        .await
+        .unwrap();
+    let problem = crate::helpers::expect_problem(response, 404).await;
+    let request_id = problem["request_id"].as_str().unwrap().to_owned();
+    assert_ne!(request_id, TRACE_ID, "the caller chose the request id");
+    let spans = eventually(Duration::from_secs(5), || async {
+        let spans = exporter.get_finished_spans().ok()?;
+        find(&spans, SpanKind::Server, "GET").is_some().then_some(spans)
+    })
+    .await
+    .expect("the gateway's span is exported");
+    let span = find(&spans, SpanKind::Server, "GET").unwrap();
+    assert_ne!(span.span_context.trace_id(), TraceId::from_hex(TRACE_ID).unwrap());
+    assert_eq!(span.span_context.trace_id().to_string(), request_id);
+    assert_eq!(span.parent_span_id, SpanId::INVALID);
+    drop(gateway);
     telemetry.shutdown(Duration::from_secs(1));
 }

@@ -56,6 +56,10 @@ pub async fn spawn_aggregator(extra: &[&str]) -> Spawned {
     shoal_telemetry::init_for_tests();
     let mut args = vec!["shoal-metrics-aggregator", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"];
     args.extend_from_slice(&["--sample-interval", "100ms", "--checkpoint-interval", "100ms"]);
+    // Tests push far faster than any SDK; the rate limit has its own test.
+    if !extra.contains(&"--max-source-push-rate") {
+        args.extend_from_slice(&["--max-source-push-rate", "100000"]);
+    }
     args.extend_from_slice(extra);
     let config = Config::try_parse_from(args).expect("valid test config");
     let aggregator = Aggregator::bind(config).await.expect("bind");

@@ -203,9 +203,9 @@ async fn empty_pushes_succeed_and_garbage_bytes_get_an_error_status() {
 
     let status = raw::export_bytes(agg.endpoint(), vec![0xff, 0xff, 0xff, 0x0f, 0x01]).await.expect_err("garbage");
     assert_ne!(status.code(), tonic::Code::Ok);
-    // Still serving.
+    // Still serving; the resource without metrics created no source.
     let sources = agg.query.list_sources(shoal_proto::aggregator::v1::ListSourcesRequest {}).await.expect("alive");
-    assert_eq!(sources.into_inner().sources.len(), 1);
+    assert_eq!(sources.into_inner().sources.len(), 0);
     agg.stop().await;
 }
 

@@ -3,8 +3,11 @@
 //! the real binary as child processes.
 
 mod durability;
+mod fuzz;
 mod helpers;
+mod hostile;
 mod ingest;
 mod limits;
+mod mtls;
 mod process;
 mod queries;

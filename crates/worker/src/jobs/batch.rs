@@ -7,10 +7,10 @@
 //! batch loads its scripts first (`SCRIPT LOAD` is idempotent), so a Redis
 //! that restarted and lost its script cache never fails a call.
 
-use deadpool_redis::Pool;
 use redis::{Script, ToRedisArgs, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use super::connection::RedisPool as Pool;
 use super::store::StoreError;
 
 /// Most calls in one pipeline.
@@ -76,10 +76,17 @@ async fn run(pool: Pool, mut calls: mpsc::Receiver<(Call, Reply)>) {
                 Err(_) => break,
             }
         }
-        match execute(&pool, &batch).await {
+        // A caller that stopped waiting (the API's deadline answered
+        // "unavailable, retry") must not have its call run after all: a
+        // retried submission would make a second job.
+        batch.retain(|(_, reply): &(Call, Reply)| !reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        match pipeline(&pool, batch.iter().map(|(call, _)| call)).await {
             Ok(values) if values.len() == batch.len() => {
                 for ((_, reply), value) in batch.drain(..).zip(values) {
-                    let _ = reply.send(Ok(value));
+                    let _ = reply.send(value.map_err(StoreError::Redis));
                 }
             }
             Ok(values) => {
@@ -98,16 +105,24 @@ async fn run(pool: Pool, mut calls: mpsc::Receiver<(Call, Reply)>) {
     }
 }
 
-async fn execute(pool: &Pool, batch: &[(Call, Reply)]) -> Result<Vec<Value>, StoreError> {
+/// Runs `calls` in one pipelined round trip on a connection from `pool`
+/// (loading their scripts first) and returns one reply per call. A call's
+/// own error (Redis's `OOM` for a submission, say) is that call's reply
+/// only: the other calls of the batch are not failed with it.
+pub(crate) async fn pipeline<'a>(
+    pool: &Pool,
+    calls: impl Iterator<Item = &'a Call> + Clone,
+) -> Result<Vec<redis::RedisResult<Value>>, StoreError> {
     let mut pipe = redis::pipe();
+    pipe.ignore_errors();
     let mut loaded: Vec<&'static Script> = Vec::with_capacity(4);
-    for (call, _) in batch {
+    for call in calls.clone() {
         if !loaded.iter().any(|script| std::ptr::eq(*script, call.script)) {
             loaded.push(call.script);
             pipe.load_script(call.script).ignore();
         }
     }
-    for (call, _) in batch {
+    for call in calls {
         let mut invocation = call.script.prepare_invoke();
         for key in &call.keys {
             invocation.key(key);

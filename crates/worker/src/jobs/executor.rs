@@ -1,7 +1,9 @@
-//! Executes jobs: reads the stream as one consumer of the group, runs each
-//! job's task with its timeout, records the outcome, renews the leases of the
-//! jobs it holds, takes over the jobs of dead workers, promotes due retries
-//! and trims the stream. One [`JobRunner`] per worker process.
+//! Executes jobs: reads the stream as one consumer of the group, takes over
+//! the jobs of dead workers, promotes due retries, trims the stream and
+//! samples queue depth. One [`JobRunner`] per worker process; each delivery
+//! runs in [`super::delivery`], and leases are renewed by a task of their own
+//! ([`JobRunner::keep_leases`]) on their own connections, so neither a busy
+//! read loop nor a Redis backoff can starve them.
 //!
 //! Concurrency is bounded by job slots: the runner only reads (or takes
 //! over) as many entries as it has free slots, so nothing waits unleased in
@@ -12,16 +14,15 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rand::Rng as _;
-use shoal_telemetry::metrics::{Counter, Gauge, Histogram, KeyValue};
+use shoal_service::admin::Readiness;
+use shoal_telemetry::metrics::{Counter, Gauge, Histogram};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
-use super::model::{JobId, JobState};
-use super::store::{JobStore, StartOutcome, StoreError, now_ms};
-use crate::tasks::{Progress, TaskContext, TaskError, TaskRegistry};
+use super::model::JobId;
+use super::store::{JobStore, Lease, LeaseStatus, StoreError};
+use crate::tasks::{Progress, TaskRegistry};
 
 /// Tunables of the runner.
 #[derive(Debug, Clone)]
@@ -39,6 +40,8 @@ pub struct RunnerConfig {
     pub retry_base: Duration,
     /// Largest retry delay.
     pub retry_max: Duration,
+    /// Largest result a job may record; a bigger one fails the job.
+    pub max_result_bytes: usize,
 }
 
 /// Counters of what this runner did, for tests and operators.
@@ -51,30 +54,79 @@ pub struct RunnerStats {
     pub taken_over: AtomicU64,
     pub handed_back: AtomicU64,
     pub duplicates: AtomicU64,
+    /// Deliveries stopped because another worker took the job over.
+    pub leases_lost: AtomicU64,
+    /// Outcomes refused because a newer delivery held the job.
+    pub stale_outcomes: AtomicU64,
+    /// Attempts that ended in a panic of the task.
+    pub panicked: AtomicU64,
 }
 
 /// How often the read loop looks for lapsed entries to take over.
 const CLAIM_EVERY: Duration = Duration::from_millis(100);
+/// How soon a failed lease renewal is tried again.
+const RENEW_RETRY: Duration = Duration::from_millis(100);
+/// How often queue depth is sampled.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
-const STOP_NONE: u8 = 0;
-const STOP_CLIENT: u8 = 1;
-const STOP_SHUTDOWN: u8 = 2;
-
-/// A job this runner holds.
-struct Held {
-    id: JobId,
-    cancel: CancellationToken,
-    reason: Arc<AtomicU8>,
-    progress: Progress,
+/// Why a running delivery was told to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Stop {
+    Running = 0,
+    /// The client cancelled the job.
+    Client = 1,
+    /// The worker is shutting down: hand the job back.
+    Shutdown = 2,
+    /// Another delivery holds the job now: record nothing.
+    LeaseLost = 3,
 }
 
-struct Metrics {
-    jobs: Counter<u64>,
-    duration: Histogram<f64>,
-    redeliveries: Counter<u64>,
-    dead_letters: Counter<u64>,
+/// A delivery's stop reason, shared with the lease task. The first reason
+/// wins, except that a lost lease overrides any other (nothing may be
+/// recorded then).
+#[derive(Debug, Default)]
+pub(crate) struct StopReason(AtomicU8);
+
+impl StopReason {
+    pub(crate) fn set(&self, reason: Stop) {
+        if reason == Stop::LeaseLost {
+            self.0.store(reason as u8, Ordering::SeqCst);
+        } else {
+            let _ = self.0.compare_exchange(Stop::Running as u8, reason as u8, Ordering::SeqCst, Ordering::SeqCst);
+        }
+    }
+
+    pub(crate) fn get(&self) -> Stop {
+        match self.0.load(Ordering::SeqCst) {
+            1 => Stop::Client,
+            2 => Stop::Shutdown,
+            3 => Stop::LeaseLost,
+            _ => Stop::Running,
+        }
+    }
+}
+
+/// A delivery this runner holds, keyed by its stream entry.
+pub(crate) struct Held {
+    pub(crate) id: JobId,
+    pub(crate) token: String,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) reason: Arc<StopReason>,
+    pub(crate) progress: Progress,
+    /// When the last renewal that succeeded was sent (or the delivery began).
+    pub(crate) renewed_at: Instant,
+}
+
+pub(crate) struct Metrics {
+    pub(crate) jobs: Counter<u64>,
+    pub(crate) duration: Histogram<f64>,
+    pub(crate) redeliveries: Counter<u64>,
+    pub(crate) dead_letters: Counter<u64>,
     takeovers: Counter<u64>,
-    queue: [Gauge<u64>; 6],
+    pub(crate) leases_lost: Counter<u64>,
+    queue: [Gauge<u64>; 7],
+    oldest_age: Gauge<f64>,
 }
 
 impl Metrics {
@@ -91,7 +143,7 @@ impl Metrics {
                 .build(),
             redeliveries: meter
                 .u64_counter("worker_job_redeliveries")
-                .with_description("Attempts after the first")
+                .with_description("Deliveries after the first")
                 .build(),
             dead_letters: meter
                 .u64_counter("worker_job_dead_letters")
@@ -101,6 +153,10 @@ impl Metrics {
                 .u64_counter("worker_job_takeovers")
                 .with_description("Entries taken over from workers whose lease lapsed")
                 .build(),
+            leases_lost: meter
+                .u64_counter("worker_job_leases_lost")
+                .with_description("Deliveries this worker stopped because another worker took the job over")
+                .build(),
             queue: [
                 gauge("jobs_queue_open", "Jobs accepted and not yet ended (the bounded quantity)"),
                 gauge("jobs_queue_stream_length", "Entries in the job stream"),
@@ -108,20 +164,25 @@ impl Metrics {
                 gauge("jobs_queue_lag", "Entries not yet delivered to any worker (autoscaling signal)"),
                 gauge("jobs_queue_delayed", "Jobs waiting for a retry"),
                 gauge("jobs_queue_dead_letters", "Entries in the dead-letter stream"),
+                gauge("jobs_queue_open_bytes", "Payload bytes of jobs not yet ended (the byte budget)"),
             ],
+            oldest_age: meter
+                .f64_gauge("jobs_queue_oldest_age_seconds")
+                .with_description("Age of the oldest pending or undelivered job entry, by Redis's clock")
+                .build(),
         }
     }
 }
 
 /// Runs jobs until stopped. See the [module docs](self).
 pub struct JobRunner {
-    store: JobStore,
-    registry: TaskRegistry,
-    config: RunnerConfig,
-    stats: Arc<RunnerStats>,
-    held: Arc<Mutex<HashMap<String, Held>>>,
+    pub(crate) store: JobStore,
+    pub(crate) registry: TaskRegistry,
+    pub(crate) config: RunnerConfig,
+    pub(crate) stats: Arc<RunnerStats>,
+    pub(crate) held: Arc<Mutex<HashMap<String, Held>>>,
     slots: Arc<Semaphore>,
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for JobRunner {
@@ -155,82 +216,126 @@ impl JobRunner {
     /// rest.
     pub async fn run(self, stop: CancellationToken, grace: Duration) {
         let this = Arc::new(self);
+        let stop_leases = CancellationToken::new();
+        let mut leases = tokio::spawn(this.clone().keep_leases(stop_leases.clone()));
+        let jobs = tokio::select! {
+            jobs = this.read_loop(&stop) => jobs,
+            ended = &mut leases => panic!("the lease renewal task ended on its own: {ended:?}"),
+        };
+        this.drain(jobs, grace).await;
+        stop_leases.cancel();
+        if let Err(error) = leases.await
+            && error.is_panic()
+        {
+            panic!("the lease renewal task panicked: {error}");
+        }
+        tracing::info!("job runner stopped");
+    }
+
+    /// Like [`JobRunner::run`], for a worker process: if the runner itself
+    /// panics (a bug outside any job), the worker turns unready (`jobs`) and
+    /// exits with status 70 rather than serve with no runner; its jobs'
+    /// leases lapse and other workers take them over.
+    pub async fn run_or_exit(self, stop: CancellationToken, grace: Duration, readiness: Readiness) {
+        use futures::FutureExt as _;
+        let outcome = std::panic::AssertUnwindSafe(self.run(stop, grace)).catch_unwind().await;
+        if outcome.is_err() {
+            readiness.set("jobs", false);
+            tracing::error!("the job runner panicked; exiting so that the worker is replaced");
+            std::process::exit(70);
+        }
+    }
+
+    async fn read_loop(self: &Arc<Self>, stop: &CancellationToken) -> JoinSet<()> {
         let mut jobs = JoinSet::new();
         let mut backoff = Backoff::default();
         let mut next_maintenance = Instant::now();
         let mut next_sample = Instant::now();
         let mut group_ready = false;
         let mut last_claim = Instant::now();
-        tracing::info!(consumer = %this.config.consumer, slots = this.config.slots, "job runner started");
+        let mut cursor = String::from("0-0");
+        tracing::info!(consumer = %self.config.consumer, slots = self.config.slots, "job runner started");
 
         while !stop.is_cancelled() {
-            while jobs.try_join_next().is_some() {}
+            reap(&mut jobs);
             if !group_ready {
-                match this.store.ensure_group().await {
+                match self.store.ensure_group().await {
                     Ok(()) => group_ready = true,
                     Err(error) => {
-                        backoff.wait(&stop, &error, "cannot create the consumer group").await;
+                        backoff.wait(stop, &error, "cannot create the consumer group").await;
                         continue;
                     }
                 }
             }
             if Instant::now() >= next_maintenance {
-                next_maintenance = Instant::now() + this.config.reaper_interval;
-                if let Err(error) = this.maintain(Instant::now() >= next_sample).await {
-                    backoff.wait(&stop, &error, "job maintenance failed").await;
+                next_maintenance = Instant::now() + self.config.reaper_interval;
+                let sample = Instant::now() >= next_sample;
+                if let Err(error) = self.maintain(sample).await {
+                    backoff.wait(stop, &error, "job maintenance failed").await;
                     continue;
                 }
-                if Instant::now() >= next_sample {
-                    next_sample = Instant::now() + Duration::from_secs(5);
+                if sample {
+                    next_sample = Instant::now() + SAMPLE_EVERY;
                 }
             }
             // Wait for a free slot, but wake for maintenance and for stop.
             let permit = tokio::select! {
                 () = stop.cancelled() => break,
                 () = tokio::time::sleep_until(next_maintenance.into()) => continue,
-                permit = this.slots.clone().acquire_owned() => match permit {
+                permit = self.slots.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => break,
                 },
             };
-            let free = 1 + this.slots.available_permits();
+            let free = 1 + self.slots.available_permits();
             // Lapsed entries of dead workers go before new work, so a backlog
-            // never delays a takeover by more than one freed slot.
+            // never delays a takeover by more than one freed slot. The scan
+            // walks the whole pending list over successive passes.
             if last_claim.elapsed() >= CLAIM_EVERY {
                 last_claim = Instant::now();
-                match this.store.take_over(&this.config.consumer, this.config.lease, free).await {
-                    Ok(entries) if !entries.is_empty() => {
-                        this.spawn_all(&mut jobs, entries, Some(permit), true);
-                        continue;
+                match self.store.take_over(&self.config.consumer, self.config.lease, free, &cursor).await {
+                    Ok((entries, next)) => {
+                        cursor = next;
+                        if !entries.is_empty() {
+                            self.spawn_all(&mut jobs, entries, Some(permit), true);
+                            continue;
+                        }
                     }
-                    Ok(_) => {}
                     Err(error) => {
                         drop(permit);
-                        backoff.wait(&stop, &error, "cannot take over lapsed jobs").await;
+                        backoff.wait(stop, &error, "cannot take over lapsed jobs").await;
                         continue;
                     }
                 }
             }
-            let read = tokio::select! {
-                () = stop.cancelled() => break,
-                read = this.store.read_new(&this.config.consumer, free, Duration::from_millis(250)) => read,
-            };
-            match read {
+            // The read is not raced against `stop`: dropping it could lose
+            // entries Redis already delivered (they would wait out a lease).
+            // It ends within its 250 ms block.
+            match self.store.read_new(&self.config.consumer, free, Duration::from_millis(250)).await {
+                Ok(entries) if stop.is_cancelled() => {
+                    drop(permit);
+                    if let Err(error) = self.store.release(&entries).await {
+                        tracing::warn!(
+                            error = &error as &dyn std::error::Error,
+                            "cannot release entries read while stopping; their lease will lapse"
+                        );
+                    }
+                    break;
+                }
                 Ok(entries) => {
                     backoff.reset();
-                    this.spawn_all(&mut jobs, entries, Some(permit), false);
+                    self.spawn_all(&mut jobs, entries, Some(permit), false);
                 }
                 Err(error) => {
                     if is_nogroup(&error) {
                         group_ready = false;
                     }
                     drop(permit);
-                    backoff.wait(&stop, &error, "cannot read the job stream").await;
+                    backoff.wait(stop, &error, "cannot read the job stream").await;
                 }
             }
         }
-
-        this.drain(jobs, grace).await;
+        jobs
     }
 
     fn spawn_all(
@@ -259,82 +364,139 @@ impl JobRunner {
                 tracing::info!(job_id = %id, %entry, "job taken over");
             }
             let this = self.clone();
-            let span = tracing::info_span!("job", job_id = %id, entry = %entry);
-            jobs.spawn(
-                async move {
-                    this.process(entry, id).await;
-                    drop(permit);
-                }
-                .instrument(span),
-            );
+            jobs.spawn(async move {
+                this.process(entry, id).await;
+                drop(permit);
+            });
         }
     }
 
-    /// Renews leases (and picks up cancel requests and progress), promotes
-    /// due retries, trims, and samples queue depth. (Lapsed entries are taken
-    /// over by the read loop, ahead of new work.)
+    /// Promotes due retries, trims, and samples queue depth. (Leases are
+    /// renewed by their own task; lapsed entries are taken over by the read
+    /// loop, ahead of new work.)
     async fn maintain(&self, sample: bool) -> Result<(), StoreError> {
-        self.renew().await?;
         self.store.promote_due(1000).await?;
         if sample {
             self.store.trim().await?;
             let stats = self.store.stats().await?;
-            let values = [stats.open, stats.stream_length, stats.pending, stats.lag, stats.delayed, stats.dead_letters];
+            let values = [
+                stats.open,
+                stats.stream_length,
+                stats.pending,
+                stats.lag,
+                stats.delayed,
+                stats.dead_letters,
+                stats.open_bytes,
+            ];
             for (gauge, value) in self.metrics.queue.iter().zip(values) {
                 gauge.record(value, &[]);
             }
+            self.metrics.oldest_age.record(stats.oldest_age.as_secs_f64(), &[]);
         }
         Ok(())
     }
 
+    /// Renews every held lease each reaper interval until `stop`; a failed
+    /// renewal is tried again after [`RENEW_RETRY`], not a full interval.
+    async fn keep_leases(self: Arc<Self>, stop: CancellationToken) {
+        let mut next = Instant::now() + self.config.reaper_interval;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep_until(next.into()) => {}
+            }
+            // Bounded, so a connection that hangs cannot hold up the fence,
+            // yet long enough for a slow Redis on a loaded machine.
+            let bound = self.config.lease.saturating_sub(self.config.reaper_interval).max(Duration::from_millis(500));
+            next = match tokio::time::timeout(bound, self.renew()).await {
+                Ok(Ok(())) => Instant::now() + self.config.reaper_interval,
+                failed => {
+                    match failed {
+                        Ok(Err(error)) => {
+                            tracing::warn!(error = &error as &dyn std::error::Error, "lease renewal failed, retrying");
+                        }
+                        _ => tracing::warn!(bound_ms = bound.as_millis() as u64, "lease renewal timed out, retrying"),
+                    }
+                    self.fence_expired();
+                    Instant::now() + RENEW_RETRY
+                }
+            };
+        }
+    }
+
+    /// Stops every delivery whose lease was not renewed for a whole lease
+    /// (Redis unreachable from here): another worker may hold it by now, so
+    /// running on would run the job twice at once.
+    fn fence_expired(&self) {
+        let Ok(held) = self.held.lock() else { return };
+        for (entry, h) in held.iter() {
+            if h.renewed_at.elapsed() > self.config.lease && h.reason.get() != Stop::LeaseLost {
+                tracing::warn!(job_id = %h.id, %entry, "lease expired without a renewal; stopping the job");
+                h.reason.set(Stop::LeaseLost);
+                h.cancel.cancel();
+            }
+        }
+    }
+
     async fn renew(&self) -> Result<(), StoreError> {
-        let held: Vec<(String, JobId, u32)> = match self.held.lock() {
+        let sent = Instant::now();
+        let leases: Vec<Lease> = match self.held.lock() {
             Ok(held) => held
                 .iter()
                 .map(|(entry, h)| {
                     let report = h.progress.latest();
                     let percent = (report.done.min(report.total) * 100).checked_div(report.total).unwrap_or(0) as u32;
-                    (entry.clone(), h.id.clone(), percent)
+                    Lease { entry: entry.clone(), id: h.id.clone(), token: h.token.clone(), progress: percent }
                 })
                 .collect(),
             Err(_) => return Ok(()),
         };
-        let cancels = self.store.renew(&self.config.consumer, &held).await?;
-        if let Ok(held_now) = self.held.lock() {
-            for ((entry, _, _), cancel) in held.iter().zip(cancels) {
-                if let (true, Some(h)) = (cancel, held_now.get(entry)) {
-                    h.reason.store(STOP_CLIENT, Ordering::SeqCst);
-                    h.cancel.cancel();
+        let statuses = self.store.renew(&self.config.consumer, &leases).await?;
+        if let Ok(mut held) = self.held.lock() {
+            for (lease, status) in leases.iter().zip(statuses) {
+                let Some(h) = held.get_mut(&lease.entry).filter(|h| h.token == lease.token) else { continue };
+                if status != LeaseStatus::Lost {
+                    h.renewed_at = sent;
+                }
+                match status {
+                    LeaseStatus::Renewed => {}
+                    LeaseStatus::CancelRequested => {
+                        h.reason.set(Stop::Client);
+                        h.cancel.cancel();
+                    }
+                    LeaseStatus::Lost => {
+                        tracing::warn!(job_id = %h.id, entry = %lease.entry, "lease lost: another worker holds the job; stopping it");
+                        h.reason.set(Stop::LeaseLost);
+                        h.cancel.cancel();
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    async fn drain(self: Arc<Self>, mut jobs: JoinSet<()>, grace: Duration) {
+    async fn drain(&self, mut jobs: JoinSet<()>, grace: Duration) {
         let running = jobs.len();
         tracing::info!(running, grace_ms = grace.as_millis() as u64, "job runner draining");
         let deadline = Instant::now() + grace;
-        let mut renew_at = Instant::now() + self.config.reaper_interval;
         loop {
             tokio::select! {
-                next = jobs.join_next() => if next.is_none() { break },
-                () = tokio::time::sleep_until(renew_at.into()) => {
-                    renew_at = Instant::now() + self.config.reaper_interval;
-                    if let Err(error) = self.renew().await {
-                        tracing::warn!(error = &error as &dyn std::error::Error, "lease renewal failed while draining");
-                    }
-                }
+                next = jobs.join_next() => match next {
+                    None => break,
+                    Some(result) => log_panic(result),
+                },
                 () = tokio::time::sleep_until(deadline.into()) => {
                     // Interrupt what is left; each job hands itself back.
                     if let Ok(held) = self.held.lock() {
                         for h in held.values() {
-                            h.reason.store(STOP_SHUTDOWN, Ordering::SeqCst);
+                            h.reason.set(Stop::Shutdown);
                             h.cancel.cancel();
                         }
                     }
                     let bounded = tokio::time::timeout(Duration::from_secs(2), async {
-                        while jobs.join_next().await.is_some() {}
+                        while let Some(result) = jobs.join_next().await {
+                            log_panic(result);
+                        }
                     });
                     if bounded.await.is_err() {
                         tracing::warn!("jobs did not stop after cancellation; their leases will lapse");
@@ -343,201 +505,27 @@ impl JobRunner {
                 }
             }
         }
-        tracing::info!("job runner stopped");
-    }
-
-    /// One delivery of one job, from start to recorded outcome.
-    async fn process(&self, entry: String, id: JobId) {
-        let start = match self.store.start(&entry, &id, &self.config.consumer).await {
-            Ok(start) => start,
-            Err(error) => {
-                // The entry stays pending; its lease lapses and it is taken over.
-                tracing::warn!(job_id = %id, error = &error as &dyn std::error::Error, "cannot start job");
-                return;
-            }
-        };
-        let (attempts, kind, payload_json, max_attempts, timeout) = match start {
-            StartOutcome::Run { attempts, kind, payload_json, max_attempts, timeout } => {
-                (attempts, kind, payload_json, max_attempts, timeout)
-            }
-            StartOutcome::CancelRequested => {
-                self.record(&entry, &id, "", JobState::Cancelled, "cancelled by client").await;
-                return;
-            }
-            StartOutcome::Skip => {
-                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        };
-        self.stats.started.fetch_add(1, Ordering::Relaxed);
-        if attempts > 1 {
-            self.metrics.redeliveries.add(1, &[KeyValue::new("kind", kind.clone())]);
-        }
-        if attempts > max_attempts {
-            let error = format!("attempt limit reached ({max_attempts}): the job's worker was lost on every attempt");
-            self.record(&entry, &id, &kind, JobState::Dead, &error).await;
-            return;
-        }
-        let Some(task) = self.registry.get(&kind).cloned() else {
-            let error = format!("unknown job kind `{kind}`; this worker runs: {}", self.registry.names());
-            self.record(&entry, &id, &kind, JobState::Failed, &error).await;
-            return;
-        };
-        let payload = match serde_json::from_str(&payload_json) {
-            Ok(payload) => payload,
-            Err(error) => {
-                self.record(&entry, &id, &kind, JobState::Failed, &format!("payload is not JSON: {error}")).await;
-                return;
-            }
-        };
-
-        let cancel = CancellationToken::new();
-        let reason = Arc::new(AtomicU8::new(STOP_NONE));
-        let ctx = TaskContext::new(cancel.clone());
-        if let Ok(mut held) = self.held.lock() {
-            held.insert(
-                entry.clone(),
-                Held {
-                    id: id.clone(),
-                    cancel: cancel.clone(),
-                    reason: reason.clone(),
-                    progress: ctx.progress().clone(),
-                },
-            );
-        }
-        let started = Instant::now();
-        let run = task.run(payload, ctx);
-        let result = tokio::select! {
-            result = run => result.map_err(Failure::Task),
-            () = tokio::time::sleep(timeout.max(Duration::from_millis(1))) => {
-                cancel.cancel();
-                Err(Failure::Timeout(timeout))
-            }
-        };
-        self.metrics.duration.record(started.elapsed().as_secs_f64(), &[KeyValue::new("kind", kind.clone())]);
-        if let Ok(mut held) = self.held.lock() {
-            held.remove(&entry);
-        }
-
-        match (result, reason.load(Ordering::SeqCst)) {
-            (Ok(output), _) => {
-                self.record(&entry, &id, &kind, JobState::Succeeded, &output.to_string()).await;
-            }
-            (Err(_), STOP_SHUTDOWN) => {
-                match self.store.hand_back(&[(entry.clone(), id.clone())]).await {
-                    Ok(()) => tracing::info!(job_id = %id, "job handed back"),
-                    Err(error) => {
-                        tracing::warn!(job_id = %id, error = &error as &dyn std::error::Error, "hand back failed; lease will lapse");
-                    }
-                }
-                self.stats.handed_back.fetch_add(1, Ordering::Relaxed);
-            }
-            (Err(_), STOP_CLIENT) => {
-                self.record(&entry, &id, &kind, JobState::Cancelled, "cancelled by client").await;
-            }
-            (Err(Failure::Task(TaskError::InvalidPayload(message))), _) => {
-                self.record(&entry, &id, &kind, JobState::Failed, &message).await;
-            }
-            (Err(failure), _) => {
-                let error = failure.to_string();
-                if attempts < max_attempts {
-                    self.retry(&entry, &id, &kind, attempts, &error).await;
-                } else {
-                    self.record(&entry, &id, &kind, JobState::Dead, &error).await;
-                }
-            }
-        }
-    }
-
-    async fn retry(&self, entry: &str, id: &JobId, kind: &str, attempts: u32, error: &str) {
-        let delay = retry_delay(self.config.retry_base, self.config.retry_max, attempts);
-        let due = now_ms() + delay.as_millis() as u64;
-        tracing::info!(job_id = %id, attempt = attempts, delay_ms = delay.as_millis() as u64, error, "job attempt failed, will retry");
-        let result = with_retries(|| self.store.retry(entry, id, error, due)).await;
-        match result {
-            Ok(true) => {
-                self.stats.retried.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(false) => self.record(entry, id, kind, JobState::Cancelled, "cancelled by client").await,
-            Err(error) => {
-                tracing::warn!(job_id = %id, error = &error as &dyn std::error::Error, "cannot schedule retry; lease will lapse");
-            }
-        }
-    }
-
-    /// Records a terminal outcome, retrying Redis for a while; if Redis stays
-    /// away the entry remains pending and another delivery records it.
-    async fn record(&self, entry: &str, id: &JobId, kind: &str, state: JobState, text: &str) {
-        match with_retries(|| self.store.finish(entry, id, state, text)).await {
-            Ok(true) => {
-                match state {
-                    JobState::Succeeded => {
-                        self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
-                    }
-                    JobState::Dead => {
-                        self.stats.dead.fetch_add(1, Ordering::Relaxed);
-                        self.metrics.dead_letters.add(1, &[KeyValue::new("kind", kind.to_owned())]);
-                    }
-                    _ => {}
-                }
-                self.metrics
-                    .jobs
-                    .add(1, &[KeyValue::new("kind", kind.to_owned()), KeyValue::new("outcome", state.as_str())]);
-                if state == JobState::Dead {
-                    tracing::warn!(job_id = %id, kind, error = text, "job dead-lettered");
-                }
-            }
-            Ok(false) => {
-                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(job_id = %id, "outcome already recorded by an earlier delivery");
-            }
-            Err(error) => {
-                tracing::warn!(job_id = %id, error = &error as &dyn std::error::Error, "cannot record outcome; lease will lapse");
-            }
-        }
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-enum Failure {
-    #[error("{0}")]
-    Task(TaskError),
-    #[error("attempt timed out after {0:?}")]
-    Timeout(Duration),
+/// Collects finished deliveries. A delivery contains its task's panic
+/// itself; one that escapes is a bug in the delivery code, logged here.
+fn reap(jobs: &mut JoinSet<()>) {
+    while let Some(result) = jobs.try_join_next() {
+        log_panic(result);
+    }
+}
+
+fn log_panic(result: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = result
+        && error.is_panic()
+    {
+        tracing::error!(error = %error, "a job delivery panicked outside its task");
+    }
 }
 
 fn is_nogroup(error: &StoreError) -> bool {
     matches!(error, StoreError::Redis(e) if e.code() == Some("NOGROUP"))
-}
-
-/// Retries a Redis operation 6 times over ~3 s.
-async fn with_retries<T, F, Fut>(mut op: F) -> Result<T, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, StoreError>>,
-{
-    let mut delay = Duration::from_millis(100);
-    let mut tries = 0;
-    loop {
-        match op().await {
-            Ok(value) => return Ok(value),
-            Err(error) if tries >= 5 => return Err(error),
-            Err(_) => {
-                tries += 1;
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(1));
-            }
-        }
-    }
-}
-
-/// Exponential backoff with full jitter: uniform in
-/// `[0, min(max, base · 2^(attempt-1))]`, at least 10 ms.
-pub(crate) fn retry_delay(base: Duration, max: Duration, attempt: u32) -> Duration {
-    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
-    let cap = exp.min(max).max(Duration::from_millis(10));
-    let millis = rand::rng().random_range(10..=cap.as_millis().max(10) as u64);
-    Duration::from_millis(millis)
 }
 
 /// Backoff for the runner's own Redis trouble: 100 ms doubling to 5 s.
@@ -572,15 +560,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retry_delays_grow_and_stay_capped() {
-        let base = Duration::from_millis(100);
-        let max = Duration::from_secs(2);
-        for attempt in 1..40 {
-            let delay = retry_delay(base, max, attempt);
-            assert!(delay >= Duration::from_millis(10), "{delay:?}");
-            assert!(delay <= max, "{delay:?}");
-            let bound = base.saturating_mul(1 << (attempt - 1).min(20)).min(max).max(Duration::from_millis(10));
-            assert!(delay <= bound, "attempt {attempt}: {delay:?} > {bound:?}");
-        }
+    fn a_lost_lease_overrides_every_other_stop_reason() {
+        let reason = StopReason::default();
+        assert_eq!(reason.get(), Stop::Running);
+        reason.set(Stop::Client);
+        reason.set(Stop::Shutdown);
+        assert_eq!(reason.get(), Stop::Client, "the first reason wins");
+        reason.set(Stop::LeaseLost);
+        reason.set(Stop::Shutdown);
+        assert_eq!(reason.get(), Stop::LeaseLost);
     }
 }

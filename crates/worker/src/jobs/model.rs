@@ -102,6 +102,27 @@ pub struct NewJob {
     /// Bound on one attempt's run time.
     pub timeout: Duration,
     pub idempotency_key: Option<String>,
+    /// The client the job belongs to (set by the gateway); `None`: nobody's.
+    pub owner: Option<String>,
+    /// The W3C `traceparent` of the submitting call, continued by every
+    /// attempt's execution span.
+    pub traceparent: Option<String>,
+}
+
+impl NewJob {
+    /// What an idempotency key is bound to: kind, payload and options. The
+    /// same key with another fingerprint is a different request.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest as _;
+        let mut hash = sha2::Sha256::new();
+        for part in [self.kind.as_bytes(), self.payload_json.as_bytes()] {
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part);
+        }
+        hash.update(self.max_attempts.to_be_bytes());
+        hash.update((self.timeout.as_millis() as u64).to_be_bytes());
+        hex::encode(&hash.finalize()[..16])
+    }
 }
 
 /// A job as stored.
@@ -111,8 +132,13 @@ pub struct JobRecord {
     pub kind: String,
     pub payload_json: String,
     pub state: JobState,
+    /// Runs of the job's code that ended (succeeded, failed or timed out).
+    /// A delivery lost with its worker spends none.
     pub attempts: u32,
     pub max_attempts: u32,
+    /// Times a worker started the job (lost deliveries included, hand-backs
+    /// on shutdown not).
+    pub deliveries: u32,
     pub timeout_ms: u64,
     /// 0–100, as reported by the task.
     pub progress: u32,
@@ -128,6 +154,8 @@ pub struct JobRecord {
     pub completions: u32,
     /// The worker holding it while `running`.
     pub worker: Option<String>,
+    /// The client it belongs to.
+    pub owner: Option<String>,
 }
 
 impl JobRecord {
@@ -143,6 +171,7 @@ impl JobRecord {
             state,
             attempts: number(&fields, "attempts").unwrap_or(0) as u32,
             max_attempts: number(&fields, "max_attempts").unwrap_or(1) as u32,
+            deliveries: number(&fields, "deliveries").unwrap_or(0) as u32,
             timeout_ms: number(&fields, "timeout_ms").unwrap_or(0),
             progress: number(&fields, "progress").unwrap_or(0).min(100) as u32,
             result_json: fields.remove("result"),
@@ -154,6 +183,7 @@ impl JobRecord {
             next_attempt_ms: number(&fields, "next_attempt_ms"),
             completions: number(&fields, "completions").unwrap_or(0) as u32,
             worker: fields.remove("worker"),
+            owner: fields.remove("owner"),
             id,
         })
     }
@@ -190,6 +220,29 @@ mod tests {
         assert!(!JobState::Running.is_terminal());
         assert!(JobState::Dead.is_terminal());
         assert_eq!(JobState::parse("bogus"), None);
+    }
+
+    #[test]
+    fn fingerprints_bind_kind_payload_and_options() {
+        let job = NewJob {
+            kind: "echo".into(),
+            payload_json: "{}".into(),
+            max_attempts: 3,
+            timeout: Duration::from_secs(1),
+            idempotency_key: Some("k".into()),
+            owner: None,
+            traceparent: None,
+        };
+        let same = NewJob { owner: Some("other".into()), traceparent: Some("t".into()), ..job.clone() };
+        assert_eq!(job.fingerprint(), same.fingerprint(), "owner and trace are not part of the request");
+        for other in [
+            NewJob { kind: "echoo".into(), ..job.clone() },
+            NewJob { payload_json: "{ }".into(), ..job.clone() },
+            NewJob { max_attempts: 4, ..job.clone() },
+            NewJob { timeout: Duration::from_secs(2), ..job.clone() },
+        ] {
+            assert_ne!(job.fingerprint(), other.fingerprint(), "{other:?}");
+        }
     }
 
     #[test]

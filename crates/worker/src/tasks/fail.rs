@@ -5,7 +5,7 @@
 use futures::future::BoxFuture;
 use serde_json::Value;
 
-use super::{Task, TaskContext, TaskError, parse_payload};
+use super::{Task, TaskContext, TaskError, parse_payload, parse_payload_text};
 
 const MAX_CHARS: usize = 1024;
 
@@ -16,7 +16,10 @@ struct Input {
 }
 
 fn parse(payload: Value) -> Result<String, TaskError> {
-    let Input { error } = parse_payload(payload)?;
+    check(parse_payload(payload)?)
+}
+
+fn check(Input { error }: Input) -> Result<String, TaskError> {
     let chars = error.chars().count();
     if chars == 0 || chars > MAX_CHARS {
         return Err(TaskError::InvalidPayload(format!("`error` must be 1 to {MAX_CHARS} characters, got {chars}")));
@@ -36,6 +39,10 @@ impl Task for Kind {
         r#"fails on purpose with the given message: {"error": "message"}"#
     }
 
+    fn validate(&self, payload_json: &str) -> Result<(), TaskError> {
+        check(parse_payload_text(payload_json)?).map(drop)
+    }
+
     fn run(&self, payload: Value, _ctx: TaskContext) -> BoxFuture<'static, Result<Value, TaskError>> {
         Box::pin(async move { Err(TaskError::Failed(parse(payload)?)) })
     }
@@ -53,5 +60,8 @@ mod tests {
         assert!(parse(json!({"error": ""})).unwrap_err().to_string().contains("1 to 1024"));
         assert!(parse(json!({"error": 3})).unwrap_err().to_string().contains("invalid type"));
         assert!(parse(json!({"message": "x"})).unwrap_err().to_string().contains("unknown field `message`"));
+        assert!(Kind.validate(r#"{"error": "boom"}"#).is_ok());
+        assert!(matches!(Kind.validate(r#"{"error": ""}"#), Err(TaskError::InvalidPayload(_))));
+        assert!(matches!(Kind.validate("null"), Err(TaskError::InvalidPayload(_))));
     }
 }

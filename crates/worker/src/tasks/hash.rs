@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
-use super::{Task, TaskContext, TaskError, parse_payload};
+use super::{Task, TaskContext, TaskError, parse_payload, parse_payload_text, whole_number};
 
 /// The most rounds accepted.
 pub const MAX_ROUNDS: u64 = 10_000_000;
@@ -21,7 +21,7 @@ const CHECK_EVERY: u64 = 4096;
 #[serde(deny_unknown_fields)]
 struct Input {
     data: String,
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "whole_number")]
     rounds: u64,
 }
 
@@ -30,7 +30,10 @@ fn one() -> u64 {
 }
 
 fn parse(payload: Value) -> Result<Input, TaskError> {
-    let input: Input = parse_payload(payload)?;
+    check(parse_payload(payload)?)
+}
+
+fn check(input: Input) -> Result<Input, TaskError> {
     if !(1..=MAX_ROUNDS).contains(&input.rounds) {
         return Err(TaskError::InvalidPayload(format!(
             "`rounds` must be between 1 and {MAX_ROUNDS}, got {}",
@@ -68,6 +71,10 @@ impl Task for Kind {
         r#"sha256 of data, then of each digest, rounds times (CPU work): {"data": "text", "rounds": 1..=10000000}"#
     }
 
+    fn validate(&self, payload_json: &str) -> Result<(), TaskError> {
+        check(parse_payload_text(payload_json)?).map(drop)
+    }
+
     fn run(&self, payload: Value, ctx: TaskContext) -> BoxFuture<'static, Result<Value, TaskError>> {
         Box::pin(async move {
             let Input { data, rounds } = parse(payload)?;
@@ -100,6 +107,16 @@ mod tests {
         );
         assert!(parse(json!({"data": 5})).unwrap_err().to_string().contains("invalid type: integer"));
         assert!(parse(json!({"rounds": 2})).unwrap_err().to_string().contains("missing field `data`"));
+        assert_eq!(parse(json!({"data": "x", "rounds": 3360.0})).unwrap().rounds, 3360);
+    }
+
+    #[test]
+    fn submitted_payloads_get_the_same_checks() {
+        assert!(Kind.validate(r#"{"data": ""}"#).is_ok());
+        for bad in ["null", r#"{"data": "", "rounds": []}"#, r#"{"data": "", "rounds": 0}"#, r#"{"data": "", "x": 1}"#]
+        {
+            assert!(matches!(Kind.validate(bad), Err(TaskError::InvalidPayload(_))), "{bad}");
+        }
     }
 
     #[test]

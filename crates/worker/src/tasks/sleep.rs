@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
-use super::{Task, TaskContext, TaskError, parse_payload};
+use super::{Task, TaskContext, TaskError, parse_payload, parse_payload_text, whole_number};
 
 /// The longest sleep accepted, in milliseconds.
 pub const MAX_MS: u64 = 3_600_000;
@@ -14,11 +14,15 @@ pub const MAX_MS: u64 = 3_600_000;
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Input {
+    #[serde(deserialize_with = "whole_number")]
     ms: u64,
 }
 
 fn parse(payload: Value) -> Result<Duration, TaskError> {
-    let Input { ms } = parse_payload(payload)?;
+    check(parse_payload(payload)?)
+}
+
+fn check(Input { ms }: Input) -> Result<Duration, TaskError> {
     if ms > MAX_MS {
         return Err(TaskError::InvalidPayload(format!("`ms` must be at most {MAX_MS} (one hour), got {ms}")));
     }
@@ -35,6 +39,10 @@ impl Task for Kind {
 
     fn description(&self) -> &'static str {
         r#"waits asynchronously: {"ms": 0..=3600000}"#
+    }
+
+    fn validate(&self, payload_json: &str) -> Result<(), TaskError> {
+        check(parse_payload_text(payload_json)?).map(drop)
     }
 
     fn run(&self, payload: Value, ctx: TaskContext) -> BoxFuture<'static, Result<Value, TaskError>> {
@@ -62,6 +70,16 @@ mod tests {
         assert!(parse(json!({"ms": -1})).unwrap_err().to_string().contains("invalid value"));
         assert!(parse(json!({"ms": 1.5})).unwrap_err().to_string().contains("invalid type"));
         assert!(parse(json!({})).unwrap_err().to_string().contains("missing field `ms`"));
+        assert_eq!(parse(json!({"ms": 1000.0})).unwrap(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn submitted_payloads_get_the_same_checks() {
+        assert!(Kind.validate(r#"{"ms": 5}"#).is_ok());
+        assert!(Kind.validate(r#"{"ms": 5.0}"#).is_ok());
+        for bad in ["null", "{}", r#"{"ms": 3600001}"#, r#"{"ms": 1, "x": 2}"#, r#"{"ms": []}"#] {
+            assert!(matches!(Kind.validate(bad), Err(TaskError::InvalidPayload(_))), "{bad}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

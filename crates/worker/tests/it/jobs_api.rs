@@ -26,7 +26,7 @@ async fn wait_for_state(worker: &TestWorker, id: &str, state: JobState) -> Job {
         let mut client = worker.client.clone();
         let id = id.to_owned();
         async move {
-            let job = client.get_job(GetJobRequest { id }).await.ok()?.into_inner();
+            let job = client.get_job(GetJobRequest { id, owner: None }).await.ok()?.into_inner();
             (job.state == state as i32).then_some(job)
         }
     })
@@ -87,19 +87,22 @@ async fn lookups_and_cancellations_answer_precisely() {
     let worker = spawn_with_redis(&redis, &[]).await;
     let mut client = worker.client.clone();
 
-    let bad = client.get_job(GetJobRequest { id: "not-a-uuid".into() }).await.unwrap_err();
+    let bad = client.get_job(GetJobRequest { id: "not-a-uuid".into(), owner: None }).await.unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
     let unknown = uuid_like();
-    let missing = client.get_job(GetJobRequest { id: unknown.clone() }).await.unwrap_err();
+    let missing = client.get_job(GetJobRequest { id: unknown.clone(), owner: None }).await.unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
-    assert_eq!(client.cancel_job(CancelJobRequest { id: unknown }).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        client.cancel_job(CancelJobRequest { id: unknown, owner: None }).await.unwrap_err().code(),
+        Code::NotFound
+    );
 
     let running = client.submit_job(request("sleep", r#"{"ms":60000}"#)).await.unwrap().into_inner().job.unwrap();
     wait_for_state(&worker, &running.id, JobState::Running).await;
-    client.cancel_job(CancelJobRequest { id: running.id.clone() }).await.unwrap();
+    client.cancel_job(CancelJobRequest { id: running.id.clone(), owner: None }).await.unwrap();
     let cancelled = wait_for_state(&worker, &running.id, JobState::Cancelled).await;
     assert!(cancelled.error.unwrap_or_default().contains("cancelled"));
-    let again = client.cancel_job(CancelJobRequest { id: running.id }).await.unwrap_err();
+    let again = client.cancel_job(CancelJobRequest { id: running.id, owner: None }).await.unwrap_err();
     assert_eq!(again.code(), Code::FailedPrecondition);
     assert!(again.message().contains("already ended (cancelled)"), "{again:?}");
 }

@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use shoal_testkit::{RedisServer, eventually};
-use shoal_worker::TaskRegistry;
 use shoal_worker::jobs::{
     CancelOutcome, JobId, JobRecord, JobRunner, JobState, JobStore, Keys, NewJob, RunnerConfig, RunnerStats,
     StoreConfig, SubmitOutcome,
 };
+use shoal_worker::{Task, TaskContext, TaskError, TaskRegistry};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -20,7 +21,12 @@ fn store(redis: &RedisServer, max_open: u64) -> JobStore {
     JobStore::new(
         pool,
         Keys::new(format!("t{}", rand_suffix())),
-        StoreConfig { job_ttl: Duration::from_secs(600), idempotency_ttl: Duration::from_secs(600), max_open },
+        StoreConfig {
+            job_ttl: Duration::from_secs(600),
+            idempotency_ttl: Duration::from_secs(600),
+            max_open,
+            ..StoreConfig::default()
+        },
     )
 }
 
@@ -35,6 +41,8 @@ fn job(kind: &str, payload: &str, max_attempts: u32) -> NewJob {
         max_attempts,
         timeout: Duration::from_secs(30),
         idempotency_key: None,
+        owner: None,
+        traceparent: None,
     }
 }
 
@@ -57,10 +65,20 @@ impl Running {
 }
 
 fn start_runner(store: &JobStore, consumer: &str, slots: usize, grace: Duration) -> Running {
+    start_runner_with(store, consumer, slots, grace, TaskRegistry::builtin())
+}
+
+fn start_runner_with(
+    store: &JobStore,
+    consumer: &str,
+    slots: usize,
+    grace: Duration,
+    registry: TaskRegistry,
+) -> Running {
     shoal_telemetry::init_for_tests();
     let runner = JobRunner::new(
         store.clone(),
-        TaskRegistry::builtin(),
+        registry,
         RunnerConfig {
             consumer: consumer.into(),
             slots,
@@ -68,6 +86,7 @@ fn start_runner(store: &JobStore, consumer: &str, slots: usize, grace: Duration)
             reaper_interval: Duration::from_millis(200),
             retry_base: Duration::from_millis(20),
             retry_max: Duration::from_millis(100),
+            max_result_bytes: 1024 * 1024,
         },
     );
     let stats = runner.stats();
@@ -160,8 +179,8 @@ async fn cancelling_a_queued_or_running_job_stops_it() {
     let redis = RedisServer::start();
     let store = store(&redis, 100);
     let queued = created(&store, &job("echo", "{}", 1)).await;
-    assert_eq!(store.cancel(&queued).await.unwrap(), CancelOutcome::Cancelled);
-    assert_eq!(store.cancel(&queued).await.unwrap(), CancelOutcome::AlreadyEnded(JobState::Cancelled));
+    assert_eq!(store.cancel(&queued, None).await.unwrap(), CancelOutcome::Cancelled);
+    assert_eq!(store.cancel(&queued, None).await.unwrap(), CancelOutcome::AlreadyEnded(JobState::Cancelled));
 
     let runner = start_runner(&store, "w1", 2, Duration::from_secs(5));
     let running = created(&store, &job("sleep", r#"{"ms":60000}"#, 3)).await;
@@ -169,7 +188,7 @@ async fn cancelling_a_queued_or_running_job_stops_it() {
         store.get(&running).await.ok().flatten().filter(|j| j.state == JobState::Running)
     })
     .await;
-    assert_eq!(store.cancel(&running).await.unwrap(), CancelOutcome::Requested);
+    assert_eq!(store.cancel(&running, None).await.unwrap(), CancelOutcome::Requested);
     let done = terminal(&store, &running, Duration::from_secs(5)).await;
     assert_eq!(done.state, JobState::Cancelled);
     assert_eq!(store.get(&queued).await.unwrap().unwrap().attempts, 0, "the cancelled queued job never ran");
@@ -191,7 +210,7 @@ async fn a_dead_workers_job_is_taken_over() {
     let survivor = start_runner(&store, "survivor", 2, Duration::from_secs(5));
     let done = terminal(&store, &id, Duration::from_secs(10)).await;
     assert_eq!(done.state, JobState::Succeeded);
-    assert_eq!(done.attempts, 2);
+    assert_eq!((done.attempts, done.deliveries), (1, 2), "the lost delivery spent no attempt");
     assert_eq!(survivor.stats.taken_over.load(Ordering::Relaxed), 1);
     survivor.stop().await;
 }
@@ -280,5 +299,45 @@ async fn trimming_never_drops_a_pending_or_undelivered_entry() {
     for id in &undelivered {
         assert_eq!(terminal(&store, id, Duration::from_secs(10)).await.state, JobState::Succeeded);
     }
+    runner.stop().await;
+}
+
+/// A kind whose code panics.
+struct Panics;
+
+impl Task for Panics {
+    fn name(&self) -> &'static str {
+        "panics"
+    }
+    fn description(&self) -> &'static str {
+        "panics, for tests"
+    }
+    fn run(
+        &self,
+        _payload: serde_json::Value,
+        _ctx: TaskContext,
+    ) -> BoxFuture<'static, Result<serde_json::Value, TaskError>> {
+        Box::pin(async { panic!("the task fell over") })
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_task_fails_its_attempt_and_frees_its_slot() {
+    let redis = RedisServer::start();
+    let store = store(&redis, 100);
+    let mut registry = TaskRegistry::builtin();
+    registry.register(Panics);
+    let runner = start_runner_with(&store, "w1", 1, Duration::from_secs(5), registry);
+    let id = created(&store, &job("panics", "{}", 2)).await;
+    let done = terminal(&store, &id, Duration::from_secs(10)).await;
+    assert_eq!(done.state, JobState::Dead, "{done:?}");
+    assert_eq!(done.attempts, 2, "each panic is one failed attempt");
+    assert!(done.error.as_deref().unwrap_or_default().contains("task panicked: the task fell over"), "{done:?}");
+    assert_eq!(runner.stats.panicked.load(Ordering::Relaxed), 2);
+    // The only slot came back, and nothing is held or open any more.
+    let next = created(&store, &job("echo", r#"{"after":"panic"}"#, 1)).await;
+    assert_eq!(terminal(&store, &next, Duration::from_secs(10)).await.state, JobState::Succeeded);
+    assert_eq!(store.stats().await.unwrap().open, 0);
+    assert_eq!(store.stats().await.unwrap().pending, 0);
     runner.stop().await;
 }

@@ -2,11 +2,15 @@
 //! real binary for signals.
 
 mod chaos;
+mod contract;
 mod errors;
 mod helpers;
 mod infra;
 mod jobs_api;
 mod jobs_core;
 mod limits;
+mod ownership;
 mod process;
+mod proxy;
 mod tasks;
+mod topology;

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::TelemetryConfig;
+use shoal_telemetry::TelemetryConfig;
 
 /// How long the final flush of spans and metrics may take.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,7 +73,7 @@ where
         eprintln!("{name}: invalid configuration: {message}");
         return ExitCode::from(2);
     }
-    let telemetry = match crate::init(name, config.telemetry()) {
+    let telemetry = match shoal_telemetry::init(name, config.telemetry()) {
         Ok(telemetry) => telemetry,
         Err(error) => {
             eprintln!("{name}: {error}");

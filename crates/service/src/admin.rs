@@ -125,7 +125,9 @@ pub async fn serve_router(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(crate::net::http_listener(listener), router).with_graceful_shutdown(shutdown).await
+    axum::serve(crate::net::http_listener(listener, crate::net::Connections::new()), router)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` resolves.
@@ -138,11 +140,13 @@ pub async fn serve(
     readiness: Readiness,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(crate::net::http_listener(listener), router(readiness)).with_graceful_shutdown(shutdown).await
+    axum::serve(crate::net::http_listener(listener, crate::net::Connections::new()), router(readiness))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    let mut body = crate::metrics::render();
+    let mut body = shoal_telemetry::metrics::render();
     if let Some(extra) = state.extra {
         match tokio::task::spawn_blocking(move || extra()).await {
             Ok(text) => body.push_str(&text),
