@@ -20,8 +20,14 @@ use crate::admin::Readiness;
 use crate::drain::{self, DelayEnd, DrainSettings};
 use crate::net::Connections;
 
-/// Serves `app` on `listener` until `shutdown` resolves, then drains. Marks
-/// the readiness started once serving.
+/// How [`serve_http`] starts the server: given the app (with the drain
+/// layer), the counter every accepted connection must be counted in, and a
+/// future that resolves when the server must stop accepting and finish its
+/// connections gracefully.
+pub type StopSignal = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Serves `app` on `listener` with `axum::serve` until `shutdown` resolves,
+/// then drains. Marks the readiness started once serving.
 ///
 /// # Errors
 ///
@@ -33,6 +39,31 @@ pub async fn serve_http(
     settings: DrainSettings,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    serve_http_with(app, readiness, settings, shutdown, |app, connections, stop| {
+        axum::serve(crate::net::http_listener(listener, connections), app).with_graceful_shutdown(stop).into_future()
+    })
+    .await
+}
+
+/// The drain sequence of [`serve_http`] around a server of the caller's
+/// (the gateway's own connection handling, with its timeouts and caps):
+/// `start` gets the app with the drain layer, the connection counter to count
+/// accepted connections in, and the stop signal.
+///
+/// # Errors
+///
+/// An I/O error of the server.
+pub async fn serve_http_with<S, F>(
+    app: axum::Router,
+    readiness: Readiness,
+    settings: DrainSettings,
+    shutdown: impl Future<Output = ()> + Send,
+    start: S,
+) -> std::io::Result<()>
+where
+    S: FnOnce(axum::Router, Connections, StopSignal) -> F,
+    F: Future<Output = std::io::Result<()>> + Send + 'static,
+{
     let connections = Connections::new();
     let draining = Arc::new(AtomicBool::new(false));
     let app = app.layer(axum::middleware::from_fn({
@@ -40,12 +71,10 @@ pub async fn serve_http(
         move |request: Request, next: Next| close_while_draining(draining.clone(), request, next)
     }));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(crate::net::http_listener(listener, connections.clone()), app)
-        .with_graceful_shutdown(async {
-            let _ = stopped.await;
-        })
-        .into_future();
-    let mut server = tokio::spawn(server);
+    let stop_signal: StopSignal = Box::pin(async {
+        let _ = stopped.await;
+    });
+    let mut server = tokio::spawn(start(app, connections.clone(), stop_signal));
     readiness.mark_started();
 
     tokio::select! {

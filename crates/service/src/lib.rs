@@ -10,6 +10,7 @@
 //! - [`drain`]: the shutdown sequence and its settings; [`grpc::GrpcServer`]
 //!   serves a gRPC service with health, reflection and that drain;
 //!   [`http::serve_http`] the same for a public HTTP listener.
+//! - [`json`]: JSON input rules shared by the gateway and the worker.
 //!
 //! Telemetry (logs, traces, metrics, propagation) is `shoal-telemetry`'s.
 
@@ -18,6 +19,7 @@ pub mod config;
 pub mod drain;
 pub mod grpc;
 pub mod http;
+pub mod json;
 pub mod net;
 pub mod service;
 pub mod shutdown;
