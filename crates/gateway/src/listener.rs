@@ -22,18 +22,13 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::extract::Request;
-use axum::http::{HeaderValue, Version, header};
-use axum::middleware::Next;
-use axum::response::Response;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use shoal_service::DrainSettings;
 use shoal_service::admin::Readiness;
-use shoal_service::drain::{self, DelayEnd};
 use shoal_service::net::Connections;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
@@ -56,12 +51,11 @@ const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// Serves `app` on `listener` until `shutdown` resolves, then drains as
-/// [`shoal_service::http::serve_http`] does (the same sequence, with this
-/// module's connection handling): readiness off while still serving for the
-/// drain delay (less when no connection is open), `Connection: close` on
-/// HTTP/1 answers meanwhile; then stop accepting, let in-flight requests
-/// finish under the grace.
+/// Serves `app` on `listener` until `shutdown` resolves, then drains with
+/// [`shoal_service::http::serve_http_with`] (readiness off while still
+/// serving for the drain delay, `Connection: close` on HTTP/1 answers
+/// meanwhile; then stop accepting, let in-flight requests finish under the
+/// grace), with this module's connection handling.
 ///
 /// # Errors
 ///
@@ -74,63 +68,10 @@ pub async fn serve_http(
     settings: DrainSettings,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
-    let connections = Connections::new();
-    let draining = Arc::new(AtomicBool::new(false));
-    let app = app.layer(axum::middleware::from_fn({
-        let draining = draining.clone();
-        move |request: Request, next: Next| close_while_draining(draining.clone(), request, next)
-    }));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(serve(listener, app, limits, connections.clone(), async {
-        let _ = stopped.await;
-    }));
-    readiness.mark_started();
-    tokio::select! {
-        () = shutdown => {}
-        finished = &mut server => return outcome(finished),
-    }
-    tracing::info!(
-        drain_delay_ms = settings.delay.as_millis() as u64,
-        grace_ms = settings.grace.as_millis() as u64,
-        "draining: not ready, still serving"
-    );
-    readiness.mark_draining();
-    draining.store(true, Ordering::SeqCst);
-    tokio::select! {
-        end = drain::delay(settings.delay, &connections) => {
-            if end == DelayEnd::Idle {
-                tracing::info!("no connection open: ending the drain delay early");
-            }
-        }
-        finished = &mut server => return outcome(finished),
-    }
-    tracing::info!(connections = connections.open(), "stopping: no new connections, finishing in-flight requests");
-    let _ = stop.send(());
-    match tokio::time::timeout(settings.grace, &mut server).await {
-        Ok(finished) => outcome(finished),
-        Err(_) => {
-            tracing::warn!(connections = connections.open(), "grace period over, abandoning in-flight requests");
-            server.abort();
-            Ok(())
-        }
-    }
-}
-
-async fn close_while_draining(draining: Arc<AtomicBool>, request: Request, next: Next) -> Response {
-    let http1 = request.version() <= Version::HTTP_11;
-    let mut response = next.run(request).await;
-    if http1 && draining.load(Ordering::SeqCst) {
-        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    response
-}
-
-fn outcome(finished: Result<std::io::Result<()>, tokio::task::JoinError>) -> std::io::Result<()> {
-    match finished {
-        Ok(result) => result,
-        // The server task never panics on its own; a cancelled task is an abort.
-        Err(_) => Ok(()),
-    }
+    shoal_service::http::serve_http_with(app, readiness, settings, shutdown, move |app, connections, stop| {
+        serve(listener, app, limits, connections, stop)
+    })
+    .await
 }
 
 /// Accepts on `listener` until `shutdown` resolves, then asks every
