@@ -1,7 +1,7 @@
 //! Load driver for `scripts/bench-jobs`: submits no-op jobs through the
 //! gateway's HTTP API with bounded concurrency — one job per `POST /v1/jobs`,
 //! or `BATCH` jobs per `POST /v1/jobs:batch` — then waits until the queue has
-//! none left unfinished (Redis `{prefix}:open` = 0), checks that every job
+//! none left unfinished (Redis `{prefix}:open` = 0, through [`shoal_worker::jobs::Keys`]), checks that every job
 //! succeeded, and prints one JSON line: jobs, seconds, jobs per second,
 //! submission latency quantiles (per HTTP call), end-to-end latency
 //! quantiles (the client's send time to the job's `finished_ms`, which the
@@ -18,6 +18,20 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::AsyncCommands as _;
 use tokio::sync::Semaphore;
+
+/// Prints the first failed call (status and body, or the error) to stderr,
+/// so a run that counts only errors says why.
+fn report_first_failure(what: String) {
+    static REPORTED: std::sync::Once = std::sync::Once::new();
+    REPORTED.call_once(|| eprintln!("jobs_load: first failed call: {what}"));
+}
+
+async fn describe(response: Result<reqwest::Response, reqwest::Error>) -> String {
+    match response {
+        Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+        Err(e) => format!("{e:?}"),
+    }
+}
 
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -48,7 +62,10 @@ async fn submit(http: &reqwest::Client, gateway: &str, batch: usize) -> Sent {
                 Ok(job) => ids.extend(job["id"].as_str().map(str::to_owned)),
                 Err(_) => errors += 1,
             },
-            _ => errors += 1,
+            other => {
+                report_first_failure(describe(other).await);
+                errors += 1;
+            }
         }
     } else {
         let items = vec![r#"{"kind":"echo","payload":null}"#; batch].join(",");
@@ -70,7 +87,10 @@ async fn submit(http: &reqwest::Client, gateway: &str, batch: usize) -> Sent {
                 }
                 Err(_) => errors += batch,
             },
-            _ => errors += batch,
+            other => {
+                report_first_failure(describe(other).await);
+                errors += batch;
+            }
         }
     }
     Sent { ids, sent_unix_ms, latency: started.elapsed(), errors }
@@ -95,7 +115,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         reqwest::Client::builder().pool_max_idle_per_host(concurrency).timeout(Duration::from_secs(30)).build()?;
     let client = redis::Client::open(redis_url.as_str())?;
     let mut redis = client.get_multiplexed_async_connection().await?;
-    let open_key = format!("{prefix}:open");
+    let keys = shoal_worker::jobs::Keys::new(prefix);
+    let open_key = keys.open();
 
     let limit = Arc::new(Semaphore::new(concurrency));
     let started = Instant::now();
@@ -139,7 +160,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for chunk in jobs_sent.chunks(1000) {
         let mut pipe = redis::pipe();
         for (id, _) in chunk {
-            pipe.cmd("HMGET").arg(format!("{prefix}:job:{id}")).arg("state").arg("finished_ms");
+            pipe.cmd("HMGET").arg(keys.job(id)).arg("state").arg("finished_ms");
         }
         let replies: Vec<(Option<String>, Option<u64>)> = pipe.query_async(&mut redis).await?;
         for ((_, sent), (state, finished)) in chunk.iter().zip(replies) {
