@@ -331,18 +331,36 @@ def invariants(rendered: dict[str, list[dict]], failures: Failures) -> str:
     return f"{len(rendered)} renders"
 
 
-def worker_queue_names() -> tuple[str, str]:
-    """(stream key format, consumer group) from the worker's source."""
+def rust_format(template: str, *args: str) -> str:
+    """A Rust format string with `{}` placeholders and `{{`/`}}` escapes, filled."""
+    out, rest, i = [], list(args), 0
+    while i < len(template):
+        two = template[i : i + 2]
+        if two in ("{{", "}}"):
+            out.append(two[0])
+            i += 2
+        elif two == "{}":
+            out.append(rest.pop(0))
+            i += 2
+        else:
+            out.append(template[i])
+            i += 1
+    return "".join(out)
+
+
+def worker_stream_and_group(prefix: str) -> tuple[str, str]:
+    """(the job stream's key for `prefix`, the consumer group), read from the
+    worker's source: every key is under the hash tag `{prefix}`."""
     source = (ROOT / "crates/worker/src/jobs/keys.rs").read_text()
     (group,) = re.findall(r'const GROUP: &\'static str = "([^"]+)"', source)
-    (stream,) = re.findall(r'fn stream\(&self\) -> String \{\s*format!\("\{\}([^"]*)", self.prefix\)', source)
-    return stream, group
+    (base,) = re.findall(r'fn new\(prefix: impl AsRef<str>\) -> Self \{\s*Self \{ base: format!\("([^"]*)", prefix\.as_ref\(\)\) \}', source)
+    (stream,) = re.findall(r'fn stream\(&self\) -> String \{\s*format!\("([^"]*)", self\.base\)', source)
+    return rust_format(stream, rust_format(base, prefix)), group
 
 
 def keda_trigger_matches_the_worker(target, docs, deployments, configmaps, failures) -> None:
     """The redis-streams trigger reads the worker's own stream and group,
     and its lagCount is the worker's job slots."""
-    suffix, group = worker_queue_names()
     for obj in docs:
         if obj["kind"] != "ScaledObject" or obj["spec"]["scaleTargetRef"]["name"] not in deployments:
             continue
@@ -355,7 +373,7 @@ def keda_trigger_matches_the_worker(target, docs, deployments, configmaps, failu
             if trigger["type"] != "redis-streams":
                 continue
             meta, where = trigger["metadata"], f"{target} {name(obj)}"
-            stream = env.get("SHOAL_WORKER_REDIS_PREFIX", "shoal") + suffix
+            stream, group = worker_stream_and_group(env.get("SHOAL_WORKER_REDIS_PREFIX", "shoal"))
             if meta.get("stream") != stream:
                 failures.add("invariants", where, f"stream {meta.get('stream')!r}, the worker's is {stream!r}")
             if meta.get("consumerGroup") != group:
