@@ -306,8 +306,8 @@ class Group:
 
     def round_trip(self, api_key: str, keda: dict) -> bool:
         """A job through the gateway; then KEDA's view of its stream."""
-        if not {"gateway", "worker"} <= set(self.processes):
-            return False
+        if not {"gateway", "worker"} <= set(self.processes) or any(p.poll() is not None for p in self.processes.values()):
+            return False  # a pod that did not start is already a failure
         http = self.port_of("gateway", "http")
         headers = {"authorization": f"Bearer {api_key}"}
         auth = dict(self.pods["gateway"]["env"]).get("SHOAL_GATEWAY_AUTH", {}).get("value")
@@ -321,8 +321,11 @@ class Group:
         reply = {}
 
         def submitted() -> bool:
-            reply["answer"] = http_post(http, "/v1/jobs", {"kind": "sleep", "payload": {"ms": 1}}, headers)
-            return reply["answer"][0] != 503
+            try:
+                reply["answer"] = http_post(http, "/v1/jobs", {"kind": "sleep", "payload": {"ms": 1}}, headers)
+            except OSError as error:
+                reply["answer"] = (0, f"no answer: {error}", {})
+            return reply["answer"][0] not in (0, 503)
 
         eventually(submitted, READY_BUDGET_SECONDS, every=0.5)
         status, body, reply_headers = reply["answer"]
@@ -378,6 +381,49 @@ class Group:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def issue_certificates(docs: list[dict], work: pathlib.Path) -> dict[str, dict[str, str]]:
+    """What cert-manager would write for the render's Certificates: a private
+    CA (the `isCA` Certificate) and, signed by it, one leaf per Certificate
+    with its commonName, dnsNames and usages, as Secrets with `tls.crt`,
+    `tls.key` and `ca.crt` (openssl, ECDSA P-256)."""
+    certificates = [o for o in docs if o.get("kind") == "Certificate" and o["apiVersion"].startswith("cert-manager.io/")]
+    if not certificates:
+        return {}
+    directory = work / "certificates"
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "ca.key")
+    openssl("req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=shoal-contract-ca", "-days", "2",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-out", "ca.crt")
+    ca = (directory / "ca.crt").read_text()
+    usages = {"server auth": "serverAuth", "client auth": "clientAuth"}
+    secrets = {}
+    for cert in certificates:
+        spec, name = cert["spec"], cert["metadata"]["name"]
+        if spec.get("isCA"):
+            secrets[spec["secretName"]] = {"tls.crt": ca, "tls.key": (directory / "ca.key").read_text(), "ca.crt": ca}
+            continue
+        eku = ",".join(usages[u] for u in spec.get("usages", []) if u in usages) or "serverAuth"
+        san = ",".join(f"DNS:{d}" for d in spec.get("dnsNames", []))
+        (directory / f"{name}.ext").write_text(
+            f"basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={eku}\n"
+            + (f"subjectAltName={san}\n" if san else ""))
+        openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", f"{name}.key")
+        openssl("req", "-new", "-key", f"{name}.key", "-subj", f"/CN={spec.get('commonName', name)}", "-out", f"{name}.csr")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+        secrets[spec["secretName"]] = {
+            "tls.crt": (directory / f"{name}.crt").read_text(),
+            "tls.key": (directory / f"{name}.key").read_text(),
+            "ca.crt": ca,
+        }
+    return secrets
 
 
 def redis_conf(rendered: dict[str, list[dict]]) -> str:
@@ -451,7 +497,9 @@ def run(rendered: dict[str, list[dict]], failures) -> str:
             return "redis failed"
         round_trips = 0
         for target, found in groups.values():
-            group = Group(target, rendered[target], found, ports, secrets, redis_port, failures, work)
+            # cert-manager's Secrets (the mtls component), issued for this render.
+            issued = issue_certificates(rendered[target], work / target.replace("/", "--"))
+            group = Group(target, rendered[target], found, ports, {**secrets, **issued}, redis_port, failures, work)
             group.auth_enforced = "SHOAL_GATEWAY_AUTH" in accepted["gateway"]
             try:
                 group.start()
