@@ -35,6 +35,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import yaml
@@ -44,6 +45,14 @@ PENDING = ROOT / "deploy/k8s/tests/pending-settings.yaml"
 SERVICES = ("metrics-aggregator", "worker", "gateway")  # start order
 PORT_RANGE = range(25100, 25999)  # the k8s helper's loopback range
 READY_BUDGET_SECONDS = 30
+
+
+# Address variable -> the variable naming the TLS server name to verify.
+TLS_SERVER_NAMES = {
+    "SHOAL_GATEWAY_WORKER_ADDR": "SHOAL_GATEWAY_WORKER_TLS_SERVER_NAME",
+    "SHOAL_GATEWAY_AGGREGATOR_ADDR": "SHOAL_GATEWAY_AGGREGATOR_TLS_SERVER_NAME",
+    "SHOAL_METRICS_PUSH_ENDPOINT": "SHOAL_METRICS_PUSH_TLS_SERVER_NAME",
+}
 
 
 def accepted_env(binary: pathlib.Path) -> set[str]:
@@ -241,6 +250,14 @@ class Group:
                     value = str(directory) + value[len(path):]
             env[name] = self.rewrite(value)
         env["RUST_LOG"] = env.get("RUST_LOG", "warn") and "warn"
+        # The harness dials 127.0.0.1 where a pod dials a Service name, and TLS
+        # verifies the certificate against the address's host: name it, as the
+        # binary would have from the manifest's address.
+        original = {name: entry.get("value", "") for name, entry in self.pods[service]["env"]}
+        for address, server_name in TLS_SERVER_NAMES.items():
+            host = urllib.parse.urlsplit(original.get(address, "")).hostname
+            if host and server_name not in env and not re.fullmatch(r"[\d.]+", host):
+                env[server_name] = host
         return env
 
     def start(self) -> None:
