@@ -30,6 +30,15 @@ def run_compose(step_id: str, args, root: str, workdir: str, image_map: dict[str
         f.write("services:\n")
         for service in ("gateway", "worker", "metrics-aggregator"):
             f.write(f"  {service}:\n    image: {image_map['shoal-' + service]}\n")
+            if service == "gateway":
+                # The harness is one client (one API key) sending the whole
+                # load: its per-client limits (100 req/s by default) are raised
+                # above that load, so a 429 here would be a real refusal.
+                rate = int(max(1000, 4 * (args.rate + args.job_rate)))
+                f.write("    environment:\n"
+                        f"      SHOAL_GATEWAY_CLIENT_RATE: \"{rate}\"\n"
+                        f"      SHOAL_GATEWAY_CLIENT_BURST: \"{2 * rate}\"\n"
+                        "      SHOAL_GATEWAY_CLIENT_MAX_IN_FLIGHT: \"4096\"\n")
     env = {**os.environ, "SHOAL_HTTP_PORT": "", "SHOAL_PROMETHEUS_PORT": "", "SHOAL_OTLP_ENDPOINT": "http://127.0.0.1:4317"}
     base = ["docker-compose", "--compatibility", "-p", project, "-f", os.path.join(root, "compose.yaml"), "-f", override]
 
