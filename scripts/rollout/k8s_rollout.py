@@ -5,8 +5,9 @@ from one image to another under load the way the Deployment controller
 does it:
 
 - a new pod is created while ``old + new < replicas + maxSurge``;
-- an old pod is terminated only while ``ready - 1 >= replicas -
-  maxUnavailable`` (terminating pods do not count as ready);
+- an old pod is terminated only while ``available - 1 >= replicas -
+  maxUnavailable`` (terminating pods do not count; a new pod is available
+  once it has been ready for the Deployment's ``minReadySeconds``);
 - a terminating pod leaves the Service's addresses when its termination
   starts (as its EndpointSlice entry does), reaching DNS ``endpoint_lag``
   seconds later; then ``preStop``, SIGTERM, the grace period.
@@ -63,7 +64,8 @@ def roll(cluster: Cluster, deployment: dict, old: list[Pod], new_template: dict,
     steps: list[str] = []
     deadline = time.monotonic() + timeout
     ordinal = 0
-    while old or len(new) < replicas or not all(p.ready for p in new):
+    min_ready = float(deployment["spec"].get("minReadySeconds", 0))
+    while old or len(new) < replicas or not all(available(p, min_ready) for p in new):
         if time.monotonic() > deadline:
             raise HarnessError(f"rollout not done within {timeout:.0f}s: {len(old)} old, "
                                f"{sum(p.ready for p in new)}/{len(new)} new ready")
@@ -72,7 +74,9 @@ def roll(cluster: Cluster, deployment: dict, old: list[Pod], new_template: dict,
                 raise HarnessError(f"new pod {pod.name}: {pod.failure}\n{pod.logs()}")
             if not pod.ready and time.monotonic() - pod.created_at > startup_budget(pod):
                 raise HarnessError(f"new pod {pod.name} not ready within its startup budget of {startup_budget(pod):.0f}s")
-        ready = sum(p.ready for p in old + new)
+        # Available, as the controller counts for maxUnavailable: ready for
+        # the Deployment's minReadySeconds (old pods were available before).
+        ready = sum(p.ready for p in old) + sum(available(p, min_ready) for p in new)
         if len(new) < replicas and len(old) + len(new) < replicas + surge:
             pod = workload_pod(cluster, deployment, ordinal, template=new_template)
             ordinal += 1
@@ -91,6 +95,11 @@ def roll(cluster: Cluster, deployment: dict, old: list[Pod], new_template: dict,
     for thread in threads:
         thread.join(timeout=120)
     return {"steps": steps, "terminations": terminations, "new": new}
+
+
+def available(pod: Pod, min_ready: float) -> bool:
+    """Ready, and for at least ``min_ready`` seconds."""
+    return pod.ready and pod.ready_at is not None and time.monotonic() - pod.ready_at >= min_ready
 
 
 def run_k8s(step_id: str, args, root: str, workdir: str, image_map: dict[str, str], shoal_load: str,
