@@ -12,7 +12,7 @@ use shoal_worker::jobs::{JobId, JobState, JobStore, Keys, StoreConfig};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::helpers::connect;
+use crate::helpers::{connect, held_by};
 use crate::process::Process;
 
 const PREFIX: &str = "chaos";
@@ -84,28 +84,11 @@ fn kill9(process: &mut Process) {
     let _ = process.child.wait();
 }
 
-/// How many stream entries `consumer` holds (delivered, not acknowledged).
-async fn held_by(redis: &RedisServer, consumer: &str) -> usize {
-    let client = redis::Client::open(redis.url()).expect("redis url");
-    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
-    let reply: redis::streams::StreamPendingCountReply = redis::cmd("XPENDING")
-        .arg(Keys::new(PREFIX).stream())
-        .arg("workers")
-        .arg("-")
-        .arg("+")
-        .arg(10_000)
-        .arg(consumer)
-        .query_async(&mut conn)
-        .await
-        .expect("xpending");
-    reply.ids.len()
-}
-
 /// Waits until the dead `consumer` holds nothing (its entries were taken
 /// over); returns how long that took since the kill.
 async fn takeover_time(redis: &RedisServer, consumer: &str, killed_at: Instant) -> Duration {
     eventually(Duration::from_secs(30), "a dead worker's jobs are taken over", || async {
-        (held_by(redis, consumer).await == 0).then_some(())
+        (held_by(redis, PREFIX, consumer).await == 0).then_some(())
     })
     .await;
     killed_at.elapsed()
@@ -131,7 +114,7 @@ async fn a_thousand_jobs_survive_two_sigkilled_workers() {
 
     // First victim: b, once it holds jobs.
     let held = eventually(Duration::from_secs(10), "b runs jobs", || async {
-        let held = held_by(&redis, "chaos-b").await;
+        let held = held_by(&redis, PREFIX, "chaos-b").await;
         (held > 0).then_some(held)
     })
     .await;
@@ -143,7 +126,7 @@ async fn a_thousand_jobs_survive_two_sigkilled_workers() {
     // Second victim: c, while a replacement joins.
     let _d = worker(&redis, "chaos-d", "5s");
     let held = eventually(Duration::from_secs(20), "c runs jobs", || async {
-        let held = held_by(&redis, "chaos-c").await;
+        let held = held_by(&redis, PREFIX, "chaos-c").await;
         (held > 0).then_some(held)
     })
     .await;

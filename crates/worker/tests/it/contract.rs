@@ -14,7 +14,7 @@ use shoal_proto::worker::v1::worker_service_client::WorkerServiceClient;
 use shoal_testkit::{RedisServer, eventually};
 use shoal_worker::jobs::{JobId, JobRecord, JobState, JobStore, Keys, NewJob, StoreConfig, SubmitOutcome};
 
-use crate::helpers::connect;
+use crate::helpers::{connect, held_by};
 use crate::process::{BIN, Process};
 use crate::proxy::ReplyDropper;
 
@@ -106,23 +106,6 @@ async fn metrics(process: &Process) -> String {
     }
 }
 
-/// How many stream entries `consumer` holds (delivered, not acknowledged).
-async fn held_by(redis: &RedisServer, consumer: &str) -> usize {
-    let client = redis::Client::open(redis.url()).expect("redis url");
-    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
-    let reply: redis::streams::StreamPendingCountReply = redis::cmd("XPENDING")
-        .arg(Keys::new(PREFIX).stream())
-        .arg("workers")
-        .arg("-")
-        .arg("+")
-        .arg(10_000)
-        .arg(consumer)
-        .query_async(&mut conn)
-        .await
-        .expect("xpending");
-    reply.ids.len()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_worker_that_lost_its_lease_stops_and_records_nothing() {
     shoal_telemetry::init_for_tests();
@@ -148,7 +131,7 @@ async fn a_paused_worker_that_lost_its_lease_stops_and_records_nothing() {
             .then_some(())
     })
     .await;
-    assert_eq!(held_by(&redis, "fence-paused").await, 0, "the stale holder never took the entry back");
+    assert_eq!(held_by(&redis, PREFIX, "fence-paused").await, 0, "the stale holder never took the entry back");
     assert_eq!(store.get(&id).await.unwrap().unwrap().worker.as_deref(), Some("fence-current"));
 
     let done = ended(&store, &id).await;
@@ -252,7 +235,7 @@ async fn a_dead_workers_entry_behind_live_long_jobs_is_taken_over() {
         long.push(submit(&store, "sleep", r#"{"ms":30000}"#, 1).await);
     }
     eventually(Duration::from_secs(15), "the busy worker holds all 30", || async {
-        (held_by(&redis, "fair-busy").await == 30).then_some(())
+        (held_by(&redis, PREFIX, "fair-busy").await == 30).then_some(())
     })
     .await;
     let mut doomed = worker(&redis.url(), "fair-doomed", &["--job-slots", "1"]);

@@ -102,3 +102,21 @@ pub async fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// How many entries of the job stream of queue `prefix` `consumer` holds
+/// (delivered, not acknowledged).
+pub async fn held_by(redis: &shoal_testkit::RedisServer, prefix: &str, consumer: &str) -> usize {
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+    let reply: redis::streams::StreamPendingCountReply = redis::cmd("XPENDING")
+        .arg(shoal_worker::jobs::Keys::new(prefix).stream())
+        .arg("workers")
+        .arg("-")
+        .arg("+")
+        .arg(10_000)
+        .arg(consumer)
+        .query_async(&mut conn)
+        .await
+        .expect("xpending");
+    reply.ids.len()
+}
