@@ -86,7 +86,7 @@ pub struct Config {
     /// How long the service keeps serving after SIGTERM while reporting not
     /// ready (readiness `503`, gRPC health `NOT_SERVING`), so clients (and a
     /// Kubernetes Service) stop routing to it first; HTTP/1.1 responses carry
-    /// `Connection: close` meanwhile; ends early when no connection is open. See
+    /// `Connection: close` meanwhile; ends early when no connection has been open for 1 s. See
     /// docs/operations.md, "Shutdown sequence".
     #[arg(long, env = "SHOAL_DRAIN_DELAY", default_value = "5s", value_parser = parse_duration)]
     pub drain_delay: Duration,

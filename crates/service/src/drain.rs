@@ -8,13 +8,17 @@
 //!    `--resolve-interval`, 5 s by default; in Kubernetes the endpoint
 //!    propagation, covered by the preStop sleep).
 //! 2. **Idle exits early.** The delay ends as soon as no connection is open
-//!    on the serving port: every client that balances over a service's
-//!    replicas (the gateway, the metrics exporters) holds a long-lived
-//!    HTTP/2 connection, and the gateway a health watch on it, so with none
-//!    open nobody can still be routing calls here. (Clients reaching the
-//!    gateway through a Kubernetes Service open new connections until the
-//!    endpoint removal propagates: the preStop sleep covers that, before the
-//!    signal.)
+//!    on the serving port *and none has been for [`QUIET_WINDOW`]* (or the
+//!    delay, if shorter): every client that
+//!    balances over a service's replicas (the gateway, the metrics exporters)
+//!    holds a long-lived HTTP/2 connection, and the gateway a health watch on
+//!    it, so with none open nobody is routing calls here; the quiet window
+//!    covers clients that connect per request or reconnect after the
+//!    `Connection: close` they get while draining (HTTP/1.1 clients of the gateway): while
+//!    they still route here, they keep connecting, and the delay goes on.
+//!    (Clients reaching the gateway through a Kubernetes Service open new
+//!    connections until the endpoint removal propagates: the preStop sleep
+//!    covers that, before the signal.)
 //! 3. **Stop accepting.** HTTP/2 connections get a graceful, two-phase
 //!    GOAWAY (streams already opened finish; later ones are refused and the
 //!    client retries them elsewhere); HTTP/1.1 keep-alive responses carry
@@ -34,6 +38,9 @@ use crate::net::Connections;
 /// Default of `--drain-delay`: one gateway re-resolve interval (5 s), the
 /// longest a client that does not watch health needs to drop a replica.
 pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
+/// How long a draining service must have had no connection open before it
+/// ends the drain delay early.
+pub const QUIET_WINDOW: Duration = Duration::from_secs(1);
 /// Default of `--shutdown-grace`.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 
@@ -91,15 +98,16 @@ impl Stages {
 pub enum DelayEnd {
     /// The full delay passed.
     Elapsed,
-    /// No connection was open on the serving port.
+    /// No connection had been open on the serving port for the quiet window.
     Idle,
 }
 
-/// Waits out the drain delay, or less when `connections` has none open.
+/// Waits out the drain delay, or less when `connections` has had none open
+/// for [`QUIET_WINDOW`].
 pub async fn delay(delay: Duration, connections: &Connections) -> DelayEnd {
     tokio::select! {
         () = tokio::time::sleep(delay) => DelayEnd::Elapsed,
-        () = connections.none_open() => DelayEnd::Idle,
+        () = connections.quiet_for(QUIET_WINDOW.min(delay)) => DelayEnd::Idle,
     }
 }
 
@@ -128,7 +136,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_delay_ends_when_the_last_connection_closes() {
+    async fn the_delay_ends_a_quiet_window_after_the_last_connection_closes() {
         let connections = Connections::new();
         let client = connections.track();
         let closer = tokio::spawn(async move {
@@ -137,8 +145,31 @@ mod tests {
         });
         let started = tokio::time::Instant::now();
         assert_eq!(delay(Duration::from_secs(5), &connections).await, DelayEnd::Idle);
-        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert_eq!(started.elapsed(), Duration::from_secs(2) + QUIET_WINDOW);
         closer.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_reconnects_per_request_holds_the_full_delay() {
+        // Each connection lives 100 ms, with 50 ms between them: never two
+        // open at once, never a quiet window.
+        let connections = Connections::new();
+        let client = tokio::spawn({
+            let connections = connections.clone();
+            async move {
+                loop {
+                    let open = connections.track();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    drop(open);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+        tokio::task::yield_now().await;
+        let started = tokio::time::Instant::now();
+        assert_eq!(delay(Duration::from_secs(5), &connections).await, DelayEnd::Elapsed);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        client.abort();
     }
 
     #[test]

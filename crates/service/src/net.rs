@@ -15,6 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -36,6 +37,9 @@ pub struct Connections(Arc<Count>);
 struct Count {
     open: AtomicUsize,
     closed: Notify,
+    /// When the count last fell to zero (tokio's clock, so paused tests can
+    /// drive it).
+    last_closed: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Connections {
@@ -60,6 +64,25 @@ impl Connections {
         }
     }
 
+    /// Resolves once no connection has been open for `window` (at once if
+    /// none ever was): a client that opens a connection per request, or
+    /// reconnects after a `Connection: close`, keeps this from resolving
+    /// while it still routes here.
+    pub async fn quiet_for(&self, window: Duration) {
+        loop {
+            self.none_open().await;
+            let since = self.last_closed().map_or(window, |at| at.elapsed());
+            if since >= window && self.open() == 0 {
+                return;
+            }
+            tokio::time::sleep(window.saturating_sub(since)).await;
+        }
+    }
+
+    fn last_closed(&self) -> Option<tokio::time::Instant> {
+        *self.0.last_closed.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Counts one connection until the guard is dropped.
     pub fn track(&self) -> Tracked {
         self.0.open.fetch_add(1, Ordering::SeqCst);
@@ -74,6 +97,8 @@ pub struct Tracked(Connections);
 impl Drop for Tracked {
     fn drop(&mut self) {
         if self.0.0.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *self.0.0.last_closed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(tokio::time::Instant::now());
             self.0.0.closed.notify_waiters();
         }
     }

@@ -48,7 +48,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How long the service keeps serving after SIGTERM while reporting not
     /// ready (readiness `503`, gRPC health `NOT_SERVING`), so clients stop
-    /// routing to it first; ends early when no connection is open. See
+    /// routing to it first; ends early when no connection has been open for 1 s. See
     /// docs/operations.md, "Shutdown sequence".
     #[arg(long, env = "SHOAL_DRAIN_DELAY", default_value = "5s", value_parser = parse_duration)]
     pub drain_delay: Duration,

@@ -140,7 +140,7 @@ async fn sigterm_keeps_serving_through_the_drain_delay_then_finishes_in_flight_c
 
 #[tokio::test]
 async fn an_idle_worker_exits_promptly_on_sigterm() {
-    // The default drain delay (5 s) ends at once: no connection is open.
+    // The default drain delay (5 s) ends at once: no connection was ever opened.
     let mut process = Process::start(&[]);
     process.terminate();
     let status = process.exit(Duration::from_secs(3)).await.expect("exits within 3 s");
