@@ -47,6 +47,12 @@ impl Labels {
         Arc::ptr_eq(&self.0, &other.0)
     }
 
+    /// The address of the shared copy: equal for clones, a cheap identity
+    /// where sets are shared (within a metric, see the store).
+    pub fn addr(&self) -> usize {
+        Arc::as_ptr(&self.0).cast::<()>() as usize
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }

@@ -898,7 +898,15 @@ impl Store {
         // Per group: the value so far, the first values so far (windows),
         // the last source counted, the sources.
         type Slot = (Option<Merged>, Option<Merged>, usize, u32);
-        let mut groups: BTreeMap<GroupKey, Slot> = BTreeMap::new();
+        let mut slots: Vec<Slot> = Vec::new();
+        let mut keys: Vec<GroupKey> = Vec::new();
+        let mut by_key: HashMap<GroupKey, usize> = HashMap::new();
+        // The group of a (service, label set): label sets are shared within a
+        // metric (see `entry`), so the set's address finds it without
+        // building, hashing or comparing a key per series; a key is built
+        // once per distinct pair. Two equal sets at different addresses
+        // still land in one group through `by_key`.
+        let mut group_of: HashMap<(&str, usize), usize> = HashMap::new();
         for (index, (id, series)) in info.series.iter().enumerate() {
             if selection.service.as_ref().is_some_and(|s| *s != id.service) {
                 continue;
@@ -906,15 +914,20 @@ impl Store {
             if !info.kind.is_additive() && !self.sources.get(id).is_some_and(|s| self.is_up(s, now_ms)) {
                 continue;
             }
+            let service = if selection.by_service { id.service.as_str() } else { "" };
             for (labels, state) in series {
-                if !selection.matches(labels) {
+                if !state.state.has_value() || !selection.matches(labels) {
                     continue;
                 }
-                if !state.state.has_value() {
-                    continue;
-                }
-                let key = selection.group_key(&id.service, labels);
-                let (value, firsts, last, sources) = groups.entry(key).or_insert((None, None, usize::MAX, 0));
+                let group = *group_of.entry((service, labels.addr())).or_insert_with(|| {
+                    let key = selection.group_key(&id.service, labels);
+                    *by_key.entry(key).or_insert_with_key(|key| {
+                        keys.push(key.clone());
+                        slots.push((None, None, usize::MAX, 0));
+                        slots.len() - 1
+                    })
+                });
+                let (value, firsts, last, sources) = &mut slots[group];
                 state.state.combine_into(value, policy);
                 // Since first seen: the group's values minus the group's
                 // first values (each series only grows from its first).
@@ -930,8 +943,9 @@ impl Store {
                 }
             }
         }
-        let groups = groups
+        let groups = keys
             .into_iter()
+            .zip(slots)
             .filter_map(|(key, (value, firsts, _, sources))| {
                 let value = match (value?, firsts) {
                     (value, Some(firsts)) => value.increase_since(&firsts),
@@ -956,16 +970,27 @@ impl Store {
             if !info.kind.is_additive() {
                 continue;
             }
+            // Keyed by the shared label set's address (see `select_values`),
+            // then once per distinct series by its owned key.
+            let mut per_service: HashMap<(&str, usize), (&Labels, Merged)> = HashMap::new();
             for (id, series) in &info.series {
                 for (labels, state) in series {
                     let Some(value) = state.value(true) else {
                         continue;
                     };
-                    match out.get_mut(&(id.service.clone(), metric.clone(), labels.clone())) {
-                        Some(acc) => acc.combine(&value, Policy::Sum),
+                    match per_service.get_mut(&(id.service.as_str(), labels.addr())) {
+                        Some((_, acc)) => acc.combine(&value, Policy::Sum),
                         None => {
-                            out.insert((id.service.clone(), metric.clone(), labels.clone()), value);
+                            per_service.insert((id.service.as_str(), labels.addr()), (labels, value));
                         }
+                    }
+                }
+            }
+            for ((service, _), (labels, value)) in per_service {
+                match out.entry((service.to_owned(), metric.clone(), labels.clone())) {
+                    std::collections::hash_map::Entry::Occupied(mut acc) => acc.get_mut().combine(&value, Policy::Sum),
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(value);
                     }
                 }
             }

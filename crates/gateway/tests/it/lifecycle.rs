@@ -20,13 +20,6 @@ impl Drop for Process {
     }
 }
 
-/// Starts the binary (`--auth none`) and returns it with the `listening`
-/// line's addresses.
-fn start(worker: std::net::SocketAddr) -> (Process, String, String) {
-    let (process, http, admin, _) = start_with(worker, &["--auth", "none"]);
-    (process, http, admin)
-}
-
 /// Starts the binary with `extra` flags; also returns the log lines before
 /// `listening`.
 pub fn start_with(worker: std::net::SocketAddr, extra: &[&str]) -> (Process, String, String, Vec<Value>) {
@@ -75,14 +68,16 @@ fn wait_exit(process: &mut Process, limit: Duration) -> Option<std::process::Exi
 async fn sigterm_lets_the_in_flight_request_finish_then_exits_0() {
     shoal_telemetry::init_for_tests();
     let worker = spawn_worker(&[]).await;
-    let (mut process, url, admin_url) = start(worker.addr);
+    let (mut process, url, admin_url, _) = start_with(worker.addr, &["--auth", "none", "--drain-delay", "1s"]);
     let http = reqwest::Client::new();
     assert_eq!(http.get(format!("{url}/")).send().await.unwrap().status(), 200);
 
+    // Longer than the drain delay: still in flight when the gateway stops
+    // accepting.
     let slow = tokio::spawn({
         let http = http.clone();
         let url = url.clone();
-        async move { http.get(format!("{url}/?delay_ms=1500")).send().await }
+        async move { http.get(format!("{url}/?delay_ms=2500")).send().await }
     });
     // Bounded poll until the gateway reports the request in flight.
     let in_flight = eventually(Duration::from_secs(5), || async {
@@ -99,13 +94,18 @@ async fn sigterm_lets_the_in_flight_request_finish_then_exits_0() {
     let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
     assert!(killed.success());
 
-    // New connections are refused once the drain starts (bounded poll).
+    // Through the drain delay a new client is still served, told to close;
+    // a client that keeps connecting keeps the delay from ending early, so
+    // the full delay (1 s) passes, then new connections are refused.
+    let served = reqwest::Client::new().get(format!("{url}/")).send().await.expect("served while draining");
+    assert_eq!(served.status(), 200);
+    assert_eq!(served.headers()["connection"], "close");
     let refused = eventually(Duration::from_secs(3), || async {
         let fresh = reqwest::Client::new();
         fresh.get(format!("{url}/")).send().await.is_err().then_some(())
     })
     .await;
-    assert!(refused.is_some(), "new requests still accepted after SIGTERM");
+    assert!(refused.is_some(), "new requests still accepted 3 s after SIGTERM (drain delay 1 s)");
 
     let response = slow.await.unwrap().expect("the in-flight request completes");
     assert_eq!(response.status(), 200);
