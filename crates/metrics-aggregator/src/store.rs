@@ -447,6 +447,78 @@ impl Entry {
     }
 }
 
+/// One source's series of one metric, as the metric index holds them.
+type SourceSeries<'a> = (&'a SourceId, &'a HashMap<Labels, Entry>);
+
+/// A group being merged: the value so far, the first values so far (for
+/// windows), the sources counted.
+type Slot = (Option<Merged>, Option<Merged>, u32);
+
+/// Selections of at least this many series are scanned on several threads.
+const PARALLEL_SCAN_SERIES: usize = 8_192;
+/// The most threads one query scans with.
+const MAX_SCAN_THREADS: usize = 4;
+
+/// Merges the series of `sources` into the selection's groups.
+fn scan_groups(
+    sources: &[SourceSeries<'_>],
+    selection: &Selection,
+    policy: Policy,
+    since_first: bool,
+) -> BTreeMap<GroupKey, Slot> {
+    let mut slots: Vec<Slot> = Vec::new();
+    let mut keys: Vec<GroupKey> = Vec::new();
+    let mut by_key: HashMap<GroupKey, usize> = HashMap::new();
+    // The group of a (service, label set): label sets are shared within a
+    // metric (see `Store::entry`), so the set's address finds it without
+    // building, hashing or comparing a key per series; a key is built once
+    // per distinct pair. Two equal sets at different addresses still land in
+    // one group through `by_key`.
+    let mut group_of: HashMap<(&str, usize), usize> = HashMap::new();
+    // Per group, the last source counted in it.
+    let mut last_source: Vec<usize> = Vec::new();
+    for (index, (id, series)) in sources.iter().enumerate() {
+        let service = if selection.by_service { id.service.as_str() } else { "" };
+        for (labels, state) in series.iter() {
+            if !state.state.has_value() || !selection.matches(labels) {
+                continue;
+            }
+            let group = *group_of.entry((service, labels.addr())).or_insert_with(|| {
+                let key = selection.group_key(&id.service, labels);
+                *by_key.entry(key).or_insert_with_key(|key| {
+                    keys.push(key.clone());
+                    slots.push((None, None, 0));
+                    last_source.push(usize::MAX);
+                    slots.len() - 1
+                })
+            });
+            let (value, firsts, sources) = &mut slots[group];
+            state.state.combine_into(value, policy);
+            // Since first seen: the group's values minus the group's first
+            // values (each series only grows from its first).
+            if since_first && let Some(first) = &state.first {
+                match firsts {
+                    Some(acc) => acc.combine(first, Policy::Sum),
+                    None => *firsts = Some(first.clone()),
+                }
+            }
+            if last_source[group] != index {
+                last_source[group] = index;
+                *sources += 1;
+            }
+        }
+    }
+    keys.into_iter().zip(slots).collect()
+}
+
+fn combine_option(acc: &mut Option<Merged>, other: Option<Merged>, policy: Policy) {
+    match (acc.as_mut(), other) {
+        (Some(acc), Some(other)) => acc.combine(&other, policy),
+        (None, other) => *acc = other,
+        (Some(_), None) => {}
+    }
+}
+
 /// A source: when it last pushed and which metrics it holds series of.
 #[derive(Clone, Debug, Default)]
 struct SourceState {
@@ -895,58 +967,52 @@ impl Store {
     fn select_values(&self, selection: &Selection, now_ms: u64, since_first: bool) -> Option<Answer> {
         let info = self.metrics.get(&selection.metric)?;
         let policy = self.settings.policy(&selection.metric, info.kind);
-        // Per group: the value so far, the first values so far (windows),
-        // the last source counted, the sources.
-        type Slot = (Option<Merged>, Option<Merged>, usize, u32);
-        let mut slots: Vec<Slot> = Vec::new();
-        let mut keys: Vec<GroupKey> = Vec::new();
-        let mut by_key: HashMap<GroupKey, usize> = HashMap::new();
-        // The group of a (service, label set): label sets are shared within a
-        // metric (see `entry`), so the set's address finds it without
-        // building, hashing or comparing a key per series; a key is built
-        // once per distinct pair. Two equal sets at different addresses
-        // still land in one group through `by_key`.
-        let mut group_of: HashMap<(&str, usize), usize> = HashMap::new();
-        for (index, (id, series)) in info.series.iter().enumerate() {
-            if selection.service.as_ref().is_some_and(|s| *s != id.service) {
-                continue;
-            }
-            if !info.kind.is_additive() && !self.sources.get(id).is_some_and(|s| self.is_up(s, now_ms)) {
-                continue;
-            }
-            let service = if selection.by_service { id.service.as_str() } else { "" };
-            for (labels, state) in series {
-                if !state.state.has_value() || !selection.matches(labels) {
-                    continue;
-                }
-                let group = *group_of.entry((service, labels.addr())).or_insert_with(|| {
-                    let key = selection.group_key(&id.service, labels);
-                    *by_key.entry(key).or_insert_with_key(|key| {
-                        keys.push(key.clone());
-                        slots.push((None, None, usize::MAX, 0));
-                        slots.len() - 1
-                    })
-                });
-                let (value, firsts, last, sources) = &mut slots[group];
-                state.state.combine_into(value, policy);
-                // Since first seen: the group's values minus the group's
-                // first values (each series only grows from its first).
-                if since_first && let Some(first) = &state.first {
-                    match firsts {
-                        Some(acc) => acc.combine(first, Policy::Sum),
-                        None => *firsts = Some(first.clone()),
+        let sources: Vec<SourceSeries<'_>> = info
+            .series
+            .iter()
+            .filter(|(id, _)| selection.service.as_ref().is_none_or(|s| *s == id.service))
+            .filter(|(id, _)| info.kind.is_additive() || self.sources.get(*id).is_some_and(|s| self.is_up(s, now_ms)))
+            .collect();
+        // A large selection is scanned on several threads, by source (each
+        // source's series are in one part, so a group's sources add up).
+        let series: usize = sources.iter().map(|(_, s)| s.len()).sum();
+        let parts = if series < PARALLEL_SCAN_SERIES {
+            1
+        } else {
+            std::thread::available_parallelism().map_or(1, usize::from).min(MAX_SCAN_THREADS)
+        };
+        let scan = |part: &[SourceSeries<'_>]| scan_groups(part, selection, policy, since_first);
+        let mut partials = if parts <= 1 {
+            vec![scan(&sources)]
+        } else {
+            let chunk = sources.len().div_ceil(parts).max(1);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = sources.chunks(chunk).map(|part| scope.spawn(move || scan(part))).collect();
+                handles
+                    .into_iter()
+                    .map(|handle| handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let mut groups: BTreeMap<GroupKey, Slot> = partials.pop().unwrap_or_default();
+        for partial in partials {
+            for (key, (value, firsts, sources)) in partial {
+                match groups.entry(key) {
+                    std::collections::btree_map::Entry::Vacant(slot) => {
+                        slot.insert((value, firsts, sources));
                     }
-                }
-                if *last != index {
-                    *sources += 1;
-                    *last = index;
+                    std::collections::btree_map::Entry::Occupied(mut slot) => {
+                        let (acc_value, acc_firsts, acc_sources) = slot.get_mut();
+                        combine_option(acc_value, value, policy);
+                        combine_option(acc_firsts, firsts, Policy::Sum);
+                        *acc_sources += sources;
+                    }
                 }
             }
         }
-        let groups = keys
+        let groups = groups
             .into_iter()
-            .zip(slots)
-            .filter_map(|(key, (value, firsts, _, sources))| {
+            .filter_map(|(key, (value, firsts, sources))| {
                 let value = match (value?, firsts) {
                     (value, Some(firsts)) => value.increase_since(&firsts),
                     (value, None) => value,
@@ -1482,5 +1548,63 @@ mod tests {
         };
         assert_eq!(store.join(&id, &snapshot, 0), 1);
         assert_eq!(store.source_count(), 0);
+    }
+
+    #[test]
+    fn a_selection_scanned_on_several_threads_answers_as_one_scan() {
+        // 40 sources of 2 services x 300 label sets: 12,000 series, above
+        // the parallel threshold; each series also has a first value.
+        let limits = Limits { max_series_per_metric: 20_000, max_series: 20_000, max_sources: 100, max_bytes: 1 << 30 };
+        let mut store = Store::new(Settings { limits, ..settings() });
+        for source in 0..40u64 {
+            let id = SourceId::new(format!("svc-{}", source % 2), format!("i-{source}"));
+            for round in 1..=2u64 {
+                let points = (0..300u64)
+                    .map(|i| Point {
+                        labels: labels(&[("route", &format!("/r/{i}")), ("status", &format!("{}", 200 + i % 3))]),
+                        start: 1,
+                        time: 10 * round,
+                        delta: false,
+                        value: Value::Number((source * 1000 + i * round) as f64),
+                    })
+                    .collect();
+                let metric = MetricPush {
+                    name: "requests".into(),
+                    description: String::new(),
+                    unit: String::new(),
+                    kind: Kind::Counter,
+                    points,
+                };
+                store.ingest(SourcePush { source: id.clone(), metrics: vec![metric] }, 0);
+            }
+        }
+        assert!(store.total_series() >= PARALLEL_SCAN_SERIES);
+        let info = store.metrics.get("requests").unwrap();
+        let sources: Vec<SourceSeries<'_>> = info.series.iter().collect();
+        for selection in [
+            Selection { grouping: Some(vec![]), ..Selection::metric("requests") },
+            Selection { grouping: Some(vec!["status".into()]), by_service: true, ..Selection::metric("requests") },
+            Selection { by_service: true, ..Selection::metric("requests") },
+        ] {
+            for since_first in [false, true] {
+                let one: BTreeMap<GroupKey, Group> = scan_groups(&sources, &selection, Policy::Sum, since_first)
+                    .into_iter()
+                    .filter_map(|(key, (value, firsts, sources))| {
+                        let value = match (value?, firsts) {
+                            (value, Some(firsts)) => value.increase_since(&firsts),
+                            (value, None) => value,
+                        };
+                        Some((key, Group { value, sources }))
+                    })
+                    .collect();
+                let answer = store.select_values(&selection, 0, since_first).unwrap();
+                assert_eq!(answer.groups, one, "{selection:?} since_first={since_first}");
+            }
+        }
+        let fleet = store.select(&Selection { grouping: Some(vec![]), ..Selection::metric("requests") }, 0).unwrap();
+        let group = fleet.groups.values().next().unwrap();
+        assert_eq!(group.sources, 40);
+        let expected: u64 = (0..40u64).map(|s| (0..300u64).map(|i| s * 1000 + 2 * i).sum::<u64>()).sum();
+        assert_eq!(group.value, Merged::Counter(expected as f64));
     }
 }
