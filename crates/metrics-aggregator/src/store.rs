@@ -436,15 +436,6 @@ impl Entry {
             self.first = self.state.value();
         }
     }
-
-    /// The value, or for windows what was added since first seen.
-    fn value(&self, since_first: bool) -> Option<Merged> {
-        let value = self.state.value()?;
-        match (&self.first, since_first) {
-            (Some(first), true) => Some(value.increase_since(first)),
-            _ => Some(value),
-        }
-    }
 }
 
 /// One source's series of one metric, as the metric index holds them.
@@ -1036,29 +1027,14 @@ impl Store {
             if !info.kind.is_additive() {
                 continue;
             }
-            // Keyed by the shared label set's address (see `select_values`),
-            // then once per distinct series by its owned key.
-            let mut per_service: HashMap<(&str, usize), (&Labels, Merged)> = HashMap::new();
-            for (id, series) in &info.series {
-                for (labels, state) in series {
-                    let Some(value) = state.value(true) else {
-                        continue;
-                    };
-                    match per_service.get_mut(&(id.service.as_str(), labels.addr())) {
-                        Some((_, acc)) => acc.combine(&value, Policy::Sum),
-                        None => {
-                            per_service.insert((id.service.as_str(), labels.addr()), (labels, value));
-                        }
-                    }
-                }
-            }
-            for ((service, _), (labels, value)) in per_service {
-                match out.entry((service.to_owned(), metric.clone(), labels.clone())) {
-                    std::collections::hash_map::Entry::Occupied(mut acc) => acc.get_mut().combine(&value, Policy::Sum),
-                    std::collections::hash_map::Entry::Vacant(slot) => {
-                        slot.insert(value);
-                    }
-                }
+            // The same scan as a window's current values, so a ring's samples
+            // and the value a window subtracts them from are computed alike.
+            let selection = Selection { by_service: true, ..Selection::metric(metric) };
+            let Some(answer) = self.select_since_first(&selection, 0) else {
+                continue;
+            };
+            for (key, group) in answer.groups {
+                out.insert((key.service.unwrap_or_default(), metric.clone(), key.labels), group.value);
             }
         }
         out
