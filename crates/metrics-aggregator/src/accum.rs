@@ -279,7 +279,9 @@ impl<T: Additive> Accum<T> {
         let take_theirs = match (&self.folded, &theirs.folded) {
             (None, Some(_)) => true,
             (Some(a), Some(b)) => match order {
-                FoldOrder::Larger => b.rank(a).is_gt(),
+                // Equal folds: the one that took in more points, so the
+                // join stays commutative in what it keeps.
+                FoldOrder::Larger => b.rank(a).then(theirs.folded_points.cmp(&self.folded_points)).is_gt(),
                 FoldOrder::MorePoints => theirs.folded_points.cmp(&self.folded_points).then_with(|| b.rank(a)).is_gt(),
             },
             _ => false,
