@@ -502,6 +502,20 @@ fn scan_groups(
     keys.into_iter().zip(slots).collect()
 }
 
+/// The groups' answers: each value counted since its first values, if any.
+fn finish(groups: BTreeMap<GroupKey, Slot>) -> BTreeMap<GroupKey, Group> {
+    groups
+        .into_iter()
+        .filter_map(|(key, (value, firsts, sources))| {
+            let value = match (value?, firsts) {
+                (value, Some(firsts)) => value.increase_since(&firsts),
+                (value, None) => value,
+            };
+            Some((key, Group { value, sources }))
+        })
+        .collect()
+}
+
 fn combine_option(acc: &mut Option<Merged>, other: Option<Merged>, policy: Policy) {
     match (acc.as_mut(), other) {
         (Some(acc), Some(other)) => acc.combine(&other, policy),
@@ -1001,17 +1015,7 @@ impl Store {
                 }
             }
         }
-        let groups = groups
-            .into_iter()
-            .filter_map(|(key, (value, firsts, sources))| {
-                let value = match (value?, firsts) {
-                    (value, Some(firsts)) => value.increase_since(&firsts),
-                    (value, None) => value,
-                };
-                Some((key, Group { value, sources }))
-            })
-            .collect();
-        Some(Answer { kind: info.kind, groups })
+        Some(Answer { kind: info.kind, groups: finish(groups) })
     }
 
     /// The metric's kind, if known.
@@ -1563,16 +1567,8 @@ mod tests {
             Selection { by_service: true, ..Selection::metric("requests") },
         ] {
             for since_first in [false, true] {
-                let one: BTreeMap<GroupKey, Group> = scan_groups(&sources, &selection, Policy::Sum, since_first)
-                    .into_iter()
-                    .filter_map(|(key, (value, firsts, sources))| {
-                        let value = match (value?, firsts) {
-                            (value, Some(firsts)) => value.increase_since(&firsts),
-                            (value, None) => value,
-                        };
-                        Some((key, Group { value, sources }))
-                    })
-                    .collect();
+                let one: BTreeMap<GroupKey, Group> =
+                    finish(scan_groups(&sources, &selection, Policy::Sum, since_first));
                 let answer = store.select_values(&selection, 0, since_first).unwrap();
                 assert_eq!(answer.groups, one, "{selection:?} since_first={since_first}");
             }
