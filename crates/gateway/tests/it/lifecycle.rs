@@ -68,7 +68,7 @@ fn wait_exit(process: &mut Process, limit: Duration) -> Option<std::process::Exi
 async fn sigterm_lets_the_in_flight_request_finish_then_exits_0() {
     shoal_telemetry::init_for_tests();
     let worker = spawn_worker(&[]).await;
-    let (mut process, url, admin_url, _) = start_with(worker.addr, &["--auth", "none", "--drain-delay", "1s"]);
+    let (mut process, url, admin_url, _) = start_with(worker.addr, &["--auth", "none", "--drain-delay", "2s"]);
     let http = reqwest::Client::new();
     assert_eq!(http.get(format!("{url}/")).send().await.unwrap().status(), 200);
 
@@ -77,7 +77,7 @@ async fn sigterm_lets_the_in_flight_request_finish_then_exits_0() {
     let slow = tokio::spawn({
         let http = http.clone();
         let url = url.clone();
-        async move { http.get(format!("{url}/?delay_ms=2500")).send().await }
+        async move { http.get(format!("{url}/?delay_ms=3500")).send().await }
     });
     // Bounded poll until the gateway reports the request in flight.
     let in_flight = eventually(Duration::from_secs(5), || async {
@@ -93,19 +93,27 @@ async fn sigterm_lets_the_in_flight_request_finish_then_exits_0() {
     let pid = process.0.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
     assert!(killed.success());
+    // `kill` returns once the signal is sent, not once it is handled: the
+    // drain has begun when readiness turns false.
+    let unready = eventually(Duration::from_secs(5), || async {
+        let status = http.get(format!("{admin_url}/readyz")).send().await.ok()?.status();
+        (status == 503).then_some(())
+    })
+    .await;
+    assert!(unready.is_some(), "readiness still true 5 s after SIGTERM");
 
     // Through the drain delay a new client is still served, told to close;
     // a client that keeps connecting keeps the delay from ending early, so
-    // the full delay (1 s) passes, then new connections are refused.
+    // the full delay (2 s) passes, then new connections are refused.
     let served = reqwest::Client::new().get(format!("{url}/")).send().await.expect("served while draining");
     assert_eq!(served.status(), 200);
     assert_eq!(served.headers()["connection"], "close");
-    let refused = eventually(Duration::from_secs(3), || async {
+    let refused = eventually(Duration::from_secs(5), || async {
         let fresh = reqwest::Client::new();
         fresh.get(format!("{url}/")).send().await.is_err().then_some(())
     })
     .await;
-    assert!(refused.is_some(), "new requests still accepted 3 s after SIGTERM (drain delay 1 s)");
+    assert!(refused.is_some(), "new requests still accepted 5 s after SIGTERM (drain delay 2 s)");
 
     let response = slow.await.unwrap().expect("the in-flight request completes");
     assert_eq!(response.status(), 200);
