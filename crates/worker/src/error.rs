@@ -13,12 +13,42 @@ use tonic::Status;
 /// The longest part of a caller-supplied kind echoed back in a message.
 const ECHO_CHARS: usize = 64;
 
+/// No kind of that name is registered: the one message for it, whether an
+/// `Execute` call, a job submission or a job's delivery names it. A long
+/// kind is cut in the message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("unknown {noun} kind `{kind}`; this worker runs: {known}")]
+pub struct UnknownKind {
+    noun: &'static str,
+    kind: String,
+    known: String,
+}
+
+impl UnknownKind {
+    /// An unknown task kind (`Execute`); `known` lists the registered names.
+    pub(crate) fn task(kind: &str, known: String) -> Self {
+        Self { noun: "task", kind: cut(kind), known }
+    }
+
+    /// An unknown job kind (submitted or delivered).
+    pub(crate) fn job(kind: &str, known: String) -> Self {
+        Self { noun: "job", kind: cut(kind), known }
+    }
+}
+
+fn cut(kind: &str) -> String {
+    match kind.char_indices().nth(ECHO_CHARS) {
+        Some((cut, _)) => format!("{}…", &kind[..cut]),
+        None => kind.to_owned(),
+    }
+}
+
 /// An execution that ended without an output.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecuteError {
     /// No kind of that name is registered.
-    #[error("unknown task kind `{kind}`; this worker runs: {known}")]
-    UnknownKind { kind: String, known: String },
+    #[error(transparent)]
+    UnknownKind(UnknownKind),
     /// `payload_json` is not JSON.
     #[error("payload_json is not valid JSON: {0}")]
     InvalidJson(#[source] serde_json::Error),
@@ -47,17 +77,13 @@ pub enum ExecuteError {
 
 impl ExecuteError {
     pub(crate) fn unknown_kind(kind: &str, known: String) -> Self {
-        let kind = match kind.char_indices().nth(ECHO_CHARS) {
-            Some((cut, _)) => format!("{}…", &kind[..cut]),
-            None => kind.to_owned(),
-        };
-        Self::UnknownKind { kind, known }
+        Self::UnknownKind(UnknownKind::task(kind, known))
     }
 
     /// The `outcome` label of `worker_tasks_total` for this error.
     pub(crate) fn outcome(&self) -> &'static str {
         match self {
-            Self::UnknownKind { .. } | Self::InvalidJson(_) | Self::InvalidPayload { .. } => "invalid",
+            Self::UnknownKind(_) | Self::InvalidJson(_) | Self::InvalidPayload { .. } => "invalid",
             Self::Failed { .. } => "failed",
             Self::Busy { .. } | Self::ShuttingDown => "rejected",
             Self::DeadlineExceeded { .. } => "deadline_exceeded",
@@ -71,7 +97,7 @@ impl From<ExecuteError> for Status {
     fn from(error: ExecuteError) -> Self {
         let message = error.to_string();
         match error {
-            ExecuteError::UnknownKind { .. } | ExecuteError::InvalidJson(_) | ExecuteError::InvalidPayload { .. } => {
+            ExecuteError::UnknownKind(_) | ExecuteError::InvalidJson(_) | ExecuteError::InvalidPayload { .. } => {
                 Status::invalid_argument(message)
             }
             ExecuteError::Failed { .. } => Status::aborted(message),

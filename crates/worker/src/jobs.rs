@@ -44,7 +44,6 @@
 mod api;
 mod batch;
 mod connection;
-mod delivery;
 mod executor;
 mod keys;
 pub mod migrate;

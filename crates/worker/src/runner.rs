@@ -1,5 +1,5 @@
-//! Running one task under the worker's rules, whoever asked for it (the gRPC
-//! `Execute` call today, durable jobs later):
+//! The gRPC `Execute` call's rules, over the one executor
+//! (`crate::execution`) that durable jobs use too:
 //!
 //! - the kind and payload are checked before anything is reserved;
 //! - at most `max_concurrency` tasks run at once; over the bound the call is
@@ -16,13 +16,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
-use shoal_telemetry::metrics::{Counter, DURATION_BUCKETS, Histogram, KeyValue, UpDownCounter, meter};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use shoal_telemetry::metrics::{Counter, KeyValue, meter};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ExecuteError;
-use crate::tasks::{TaskContext, TaskError, TaskRegistry};
+use crate::execution::{Ended, Executor, Lane, Refusal};
+use crate::tasks::{Progress, TaskError, TaskRegistry};
 
 /// A task's output and the time it ran.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,55 +71,34 @@ impl Stats {
     fn count_cancelled(&self) {
         self.0.cancelled.fetch_add(1, Ordering::SeqCst);
     }
+
+    /// A slot was taken (its task is in flight).
+    pub(crate) fn slot_taken(&self) {
+        self.0.in_flight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A slot came back (its task's work ended).
+    pub(crate) fn slot_freed(&self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.idle.notify_waiters();
+    }
 }
 
 #[derive(Debug, Clone)]
 struct Instruments {
-    in_flight: UpDownCounter<i64>,
     tasks: Counter<u64>,
-    duration: Histogram<f64>,
 }
 
 impl Instruments {
     fn new() -> Self {
         let meter = meter("shoal-worker");
         Self {
-            in_flight: meter.i64_up_down_counter("worker_tasks_in_flight").with_description("Tasks running").build(),
             tasks: meter.u64_counter("worker_tasks").with_description("Tasks finished, by kind and outcome").build(),
-            duration: meter
-                .f64_histogram("worker_task_duration_seconds")
-                .with_unit("s")
-                .with_description("Time tasks ran, in seconds")
-                .with_boundaries(DURATION_BUCKETS.to_vec())
-                .build(),
         }
     }
 
     fn finished(&self, kind: &'static str, outcome: &'static str) {
         self.tasks.add(1, &[KeyValue::new("kind", kind), KeyValue::new("outcome", outcome)]);
-    }
-}
-
-/// One concurrency slot, held until the task's work ends.
-struct Slot {
-    _permit: OwnedSemaphorePermit,
-    stats: Stats,
-    in_flight: UpDownCounter<i64>,
-}
-
-impl Slot {
-    fn new(permit: OwnedSemaphorePermit, stats: &Stats, instruments: &Instruments) -> Self {
-        stats.0.in_flight.fetch_add(1, Ordering::SeqCst);
-        instruments.in_flight.add(1, &[]);
-        Self { _permit: permit, stats: stats.clone(), in_flight: instruments.in_flight.clone() }
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.in_flight.add(-1, &[]);
-        self.stats.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.stats.0.idle.notify_waiters();
     }
 }
 
@@ -146,9 +126,7 @@ impl Drop for CancelOnDrop<'_> {
 /// behind an `Arc`.
 #[derive(Debug)]
 pub struct Runner {
-    registry: TaskRegistry,
-    permits: Arc<Semaphore>,
-    limit: usize,
+    executor: Executor,
     stats: Stats,
     instruments: Instruments,
     draining: AtomicBool,
@@ -158,11 +136,10 @@ pub struct Runner {
 impl Runner {
     /// A runner of `registry`'s kinds, `max_concurrency` at a time.
     pub fn new(registry: TaskRegistry, max_concurrency: usize) -> Self {
+        let stats = Stats::default();
         Self {
-            registry,
-            permits: Arc::new(Semaphore::new(max_concurrency)),
-            limit: max_concurrency,
-            stats: Stats::default(),
+            executor: Executor::new(registry, max_concurrency, Lane::Tasks, &stats),
+            stats,
             instruments: Instruments::new(),
             draining: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
@@ -171,7 +148,7 @@ impl Runner {
 
     /// The kinds this runner knows.
     pub fn registry(&self) -> &TaskRegistry {
-        &self.registry
+        self.executor.registry()
     }
 
     /// The live counts.
@@ -203,7 +180,7 @@ impl Runner {
         deadline: Option<Instant>,
     ) -> Result<Outcome, ExecuteError> {
         let result = self.execute_inner(kind, payload_json, deadline).await;
-        let label = self.registry.get(kind).map_or("unknown", |task| task.name());
+        let label = self.registry().get(kind).map_or("unknown", |task| task.name());
         match &result {
             Ok(_) => self.instruments.finished(label, "ok"),
             Err(error) => self.instruments.finished(label, error.outcome()),
@@ -220,54 +197,49 @@ impl Runner {
         if self.draining.load(Ordering::SeqCst) {
             return Err(ExecuteError::ShuttingDown);
         }
-        let task = self.registry.get(kind).ok_or_else(|| ExecuteError::unknown_kind(kind, self.registry.names()))?;
-        let name = task.name();
-        let payload = match payload_json.trim() {
-            "" => Value::Object(serde_json::Map::new()),
-            text => serde_json::from_str(text).map_err(ExecuteError::InvalidJson)?,
-        };
-        let permit =
-            Arc::clone(&self.permits).try_acquire_owned().map_err(|_| ExecuteError::Busy { limit: self.limit })?;
-        let slot = Slot::new(permit, &self.stats, &self.instruments);
+        let prepared = self.executor.prepare(kind, payload_json).map_err(|refusal| match refusal {
+            Refusal::UnknownKind { known } => ExecuteError::unknown_kind(kind, known),
+            Refusal::InvalidJson(error) => ExecuteError::InvalidJson(error),
+        })?;
+        let name = prepared.kind();
+        let slot = self.executor.try_slot().ok_or(ExecuteError::Busy { limit: self.executor.limit() })?;
 
         let token = self.shutdown.child_token();
         let mut guard = CancelOnDrop { token: token.clone(), kind: name, runner: self, armed: true };
-        let ctx = TaskContext::new(token.clone()).holding(Arc::new(slot));
-        let started = Instant::now();
-        let run = task.run(payload, ctx);
-        let result = match deadline {
-            Some(deadline) => tokio::select! {
-                result = run => Some(result),
-                () = tokio::time::sleep_until(deadline) => None,
-            },
-            None => Some(run.await),
-        };
+        let ran = self.executor.run(prepared, Arc::new(slot), token, deadline, Progress::default()).await;
         guard.armed = false;
-        let duration = started.elapsed();
-        self.instruments.duration.record(duration.as_secs_f64(), &[KeyValue::new("kind", name)]);
+        let duration = ran.duration;
 
-        match result {
-            Some(Ok(output)) => Ok(Outcome { output, duration }),
-            Some(Err(TaskError::InvalidPayload(message))) => Err(ExecuteError::InvalidPayload { kind: name, message }),
-            Some(Err(TaskError::Failed(message))) => Err(ExecuteError::Failed { kind: name, message }),
-            Some(Err(TaskError::Cancelled)) if self.shutdown.is_cancelled() => {
+        match ran.ended {
+            Ended::Returned(Ok(output)) => Ok(Outcome { output, duration }),
+            Ended::Returned(Err(TaskError::InvalidPayload(message))) => {
+                Err(ExecuteError::InvalidPayload { kind: name, message })
+            }
+            Ended::Returned(Err(TaskError::Failed(message))) => Err(ExecuteError::Failed { kind: name, message }),
+            Ended::Returned(Err(TaskError::Cancelled)) if self.shutdown.is_cancelled() => {
                 self.stats.count_cancelled();
                 tracing::warn!(kind = name, "task cancelled: shutdown grace over");
                 Err(ExecuteError::Interrupted { kind: name })
             }
-            Some(Err(TaskError::Cancelled)) => {
+            Ended::Returned(Err(TaskError::Cancelled)) => {
                 tracing::error!(kind = name, "task reported cancellation nobody asked for");
                 Err(ExecuteError::Internal)
             }
-            Some(Err(TaskError::Internal(source))) => {
+            Ended::Returned(Err(TaskError::Internal(source))) => {
                 tracing::error!(kind = name, error = &*source as &dyn std::error::Error, "task failed internally");
                 Err(ExecuteError::Internal)
             }
-            None => {
-                token.cancel();
+            Ended::DeadlineExceeded => {
                 self.stats.count_cancelled();
                 tracing::info!(kind = name, elapsed_ms = duration.as_millis() as u64, "task cancelled: deadline");
                 Err(ExecuteError::DeadlineExceeded { kind: name, after: duration })
+            }
+            Ended::Panicked(panic) => {
+                // Execute does not answer a panic: it unwinds on into the
+                // call, which tonic drops, and the guard counts the task
+                // cancelled.
+                guard.armed = true;
+                std::panic::resume_unwind(panic)
             }
         }
     }

@@ -1,8 +1,8 @@
 //! Task kinds: what a worker can run, and the registry that names them.
 //!
 //! A task takes a JSON payload and returns a JSON output. The gRPC `Execute`
-//! call runs one synchronously today; durable jobs will run the same tasks
-//! later, so a task knows nothing about gRPC.
+//! call runs one synchronously and durable jobs run the same tasks, both
+//! through one executor (`execution`), so a task knows nothing about gRPC or Redis.
 //!
 //! # Adding a kind
 //!
@@ -135,8 +135,15 @@ impl TaskContext {
         Self { cancel, progress: Progress::default(), _hold: None }
     }
 
+    /// Reports to `progress` instead of a fresh one (a job's lease carries
+    /// it to Redis).
+    pub(crate) fn reporting_to(mut self, progress: Progress) -> Self {
+        self.progress = progress;
+        self
+    }
+
     /// Keeps `hold` alive as long as any clone of this context lives (the
-    /// runner passes its in-flight slot).
+    /// executor passes its slot).
     pub(crate) fn holding(mut self, hold: Arc<dyn Send + Sync>) -> Self {
         self._hold = Some(hold);
         self
@@ -171,8 +178,7 @@ pub struct ProgressReport {
 }
 
 /// A task's progress reporter. Reporting is cheap and never blocks; the
-/// latest report wins. Nothing reads it yet over gRPC: durable jobs will
-/// expose it.
+/// latest report wins. A job's lease renewal stores it with the job.
 #[derive(Debug, Clone)]
 pub struct Progress {
     sender: Arc<watch::Sender<ProgressReport>>,

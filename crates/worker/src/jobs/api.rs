@@ -124,11 +124,7 @@ impl JobsApi {
     fn validate(&self, request: pb::SubmitJobRequest) -> Result<NewJob, JobError> {
         let pb::SubmitJobRequest { kind, payload_json, max_attempts, timeout_ms, idempotency_key, owner } = request;
         let Some(task) = self.registry.get(&kind) else {
-            let shown: String = kind.chars().take(64).collect();
-            return Err(JobError::Invalid(format!(
-                "unknown job kind `{shown}`; this worker runs: {}",
-                self.registry.names()
-            )));
+            return Err(JobError::Invalid(crate::error::UnknownKind::job(&kind, self.registry.names()).to_string()));
         };
         let payload_json = if payload_json.trim().is_empty() { "null".to_owned() } else { payload_json };
         if let Err(error) = serde_json::from_str::<serde::de::IgnoredAny>(&payload_json) {

@@ -1,28 +1,41 @@
 //! Executes jobs: reads the stream as one consumer of the group, takes over
 //! the jobs of dead workers, promotes due retries, trims the stream and
-//! samples queue depth. One [`JobRunner`] per worker process; each delivery
-//! runs in [`super::delivery`], and leases are renewed by a task of their own
-//! ([`JobRunner::keep_leases`]) on their own connections, so neither a busy
-//! read loop nor a Redis backoff can starve them.
+//! samples queue depth. One [`JobRunner`] per worker process, split by
+//! concern:
+//!
+//! - `read_loop`: waits for a slot, takes over lapsed entries, reads new
+//!   ones, spawns a delivery per entry;
+//! - `delivery`: one delivery's state machine, from START to its outcome;
+//!   the task itself runs through the worker's one executor
+//!   (`crate::execution`), as an `Execute` call's does;
+//! - `leases`: the deliveries held, their stop reasons, and the task that
+//!   renews their leases on its own connections, so neither a busy read
+//!   loop nor a Redis backoff can starve them;
+//! - `maintenance`: due retries, trimming, queue depth gauges.
 //!
 //! Concurrency is bounded by job slots: the runner only reads (or takes
 //! over) as many entries as it has free slots, so nothing waits unleased in
 //! memory.
 
+mod delivery;
+mod leases;
+mod maintenance;
+mod read_loop;
+
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use leases::{Held, Stop};
 use shoal_service::admin::Readiness;
-use shoal_telemetry::metrics::{Counter, Gauge, Histogram};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use shoal_telemetry::metrics::{Counter, Gauge};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::model::JobId;
-use super::store::{JobStore, Lease, LeaseStatus, StoreError};
-use crate::tasks::{Progress, TaskRegistry};
+use super::store::JobStore;
+use crate::execution::{Executor, Lane};
+use crate::tasks::TaskRegistry;
 
 /// Tunables of the runner.
 #[derive(Debug, Clone)]
@@ -62,65 +75,11 @@ pub struct RunnerStats {
     pub panicked: AtomicU64,
 }
 
-/// How often the read loop looks for lapsed entries to take over.
-const CLAIM_EVERY: Duration = Duration::from_millis(100);
-/// How soon a failed lease renewal is tried again.
-const RENEW_RETRY: Duration = Duration::from_millis(100);
 /// How often queue depth is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
-/// Why a running delivery was told to stop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub(crate) enum Stop {
-    Running = 0,
-    /// The client cancelled the job.
-    Client = 1,
-    /// The worker is shutting down: hand the job back.
-    Shutdown = 2,
-    /// Another delivery holds the job now: record nothing.
-    LeaseLost = 3,
-}
-
-/// A delivery's stop reason, shared with the lease task. The first reason
-/// wins, except that a lost lease overrides any other (nothing may be
-/// recorded then).
-#[derive(Debug, Default)]
-pub(crate) struct StopReason(AtomicU8);
-
-impl StopReason {
-    pub(crate) fn set(&self, reason: Stop) {
-        if reason == Stop::LeaseLost {
-            self.0.store(reason as u8, Ordering::SeqCst);
-        } else {
-            let _ = self.0.compare_exchange(Stop::Running as u8, reason as u8, Ordering::SeqCst, Ordering::SeqCst);
-        }
-    }
-
-    pub(crate) fn get(&self) -> Stop {
-        match self.0.load(Ordering::SeqCst) {
-            1 => Stop::Client,
-            2 => Stop::Shutdown,
-            3 => Stop::LeaseLost,
-            _ => Stop::Running,
-        }
-    }
-}
-
-/// A delivery this runner holds, keyed by its stream entry.
-pub(crate) struct Held {
-    pub(crate) id: JobId,
-    pub(crate) token: String,
-    pub(crate) cancel: CancellationToken,
-    pub(crate) reason: Arc<StopReason>,
-    pub(crate) progress: Progress,
-    /// When the last renewal that succeeded was sent (or the delivery began).
-    pub(crate) renewed_at: Instant,
-}
-
 pub(crate) struct Metrics {
     pub(crate) jobs: Counter<u64>,
-    pub(crate) duration: Histogram<f64>,
     pub(crate) redeliveries: Counter<u64>,
     pub(crate) dead_letters: Counter<u64>,
     takeovers: Counter<u64>,
@@ -135,12 +94,6 @@ impl Metrics {
         let gauge = |name: &'static str, help: &'static str| meter.u64_gauge(name).with_description(help).build();
         Self {
             jobs: meter.u64_counter("worker_jobs").with_description("Jobs ended, by kind and outcome").build(),
-            duration: meter
-                .f64_histogram("worker_job_duration_seconds")
-                .with_unit("s")
-                .with_description("Run time of one job attempt")
-                .with_boundaries(shoal_telemetry::metrics::DURATION_BUCKETS.to_vec())
-                .build(),
             redeliveries: meter
                 .u64_counter("worker_job_redeliveries")
                 .with_description("Deliveries after the first")
@@ -177,11 +130,10 @@ impl Metrics {
 /// Runs jobs until stopped. See the [module docs](self).
 pub struct JobRunner {
     pub(crate) store: JobStore,
-    pub(crate) registry: TaskRegistry,
+    executor: Executor,
     pub(crate) config: RunnerConfig,
     pub(crate) stats: Arc<RunnerStats>,
     pub(crate) held: Arc<Mutex<HashMap<String, Held>>>,
-    slots: Arc<Semaphore>,
     pub(crate) metrics: Arc<Metrics>,
 }
 
@@ -194,16 +146,8 @@ impl std::fmt::Debug for JobRunner {
 impl JobRunner {
     /// A runner for `store`, running the kinds in `registry`.
     pub fn new(store: JobStore, registry: TaskRegistry, config: RunnerConfig) -> Self {
-        let slots = Arc::new(Semaphore::new(config.slots.max(1)));
-        Self {
-            store,
-            registry,
-            config,
-            stats: Arc::default(),
-            held: Arc::default(),
-            slots,
-            metrics: Arc::new(Metrics::new()),
-        }
+        let executor = Executor::new(registry, config.slots, Lane::Jobs, &crate::runner::Stats::default());
+        Self { store, executor, config, stats: Arc::default(), held: Arc::default(), metrics: Arc::new(Metrics::new()) }
     }
 
     /// What this runner did so far.
@@ -246,235 +190,6 @@ impl JobRunner {
         }
     }
 
-    async fn read_loop(self: &Arc<Self>, stop: &CancellationToken) -> JoinSet<()> {
-        let mut jobs = JoinSet::new();
-        let mut backoff = Backoff::default();
-        let mut next_maintenance = Instant::now();
-        let mut next_sample = Instant::now();
-        let mut group_ready = false;
-        let mut last_claim = Instant::now();
-        let mut cursor = String::from("0-0");
-        tracing::info!(consumer = %self.config.consumer, slots = self.config.slots, "job runner started");
-
-        while !stop.is_cancelled() {
-            reap(&mut jobs);
-            if !group_ready {
-                match self.store.ensure_group().await {
-                    Ok(()) => group_ready = true,
-                    Err(error) => {
-                        backoff.wait(stop, &error, "cannot create the consumer group").await;
-                        continue;
-                    }
-                }
-            }
-            if Instant::now() >= next_maintenance {
-                next_maintenance = Instant::now() + self.config.reaper_interval;
-                let sample = Instant::now() >= next_sample;
-                if let Err(error) = self.maintain(sample).await {
-                    backoff.wait(stop, &error, "job maintenance failed").await;
-                    continue;
-                }
-                if sample {
-                    next_sample = Instant::now() + SAMPLE_EVERY;
-                }
-            }
-            // Wait for a free slot, but wake for maintenance and for stop.
-            let permit = tokio::select! {
-                () = stop.cancelled() => break,
-                () = tokio::time::sleep_until(next_maintenance.into()) => continue,
-                permit = self.slots.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break,
-                },
-            };
-            let free = 1 + self.slots.available_permits();
-            // Lapsed entries of dead workers go before new work, so a backlog
-            // never delays a takeover by more than one freed slot. The scan
-            // walks the whole pending list over successive passes.
-            if last_claim.elapsed() >= CLAIM_EVERY {
-                last_claim = Instant::now();
-                match self.store.take_over(&self.config.consumer, self.config.lease, free, &cursor).await {
-                    Ok((entries, next)) => {
-                        cursor = next;
-                        if !entries.is_empty() {
-                            self.spawn_all(&mut jobs, entries, Some(permit), true);
-                            continue;
-                        }
-                    }
-                    Err(error) => {
-                        drop(permit);
-                        backoff.wait(stop, &error, "cannot take over lapsed jobs").await;
-                        continue;
-                    }
-                }
-            }
-            // The read is not raced against `stop`: dropping it could lose
-            // entries Redis already delivered (they would wait out a lease).
-            // It ends within its 250 ms block.
-            match self.store.read_new(&self.config.consumer, free, Duration::from_millis(250)).await {
-                Ok(entries) if stop.is_cancelled() => {
-                    drop(permit);
-                    if let Err(error) = self.store.release(&entries).await {
-                        tracing::warn!(
-                            error = &error as &dyn std::error::Error,
-                            "cannot release entries read while stopping; their lease will lapse"
-                        );
-                    }
-                    break;
-                }
-                Ok(entries) => {
-                    backoff.reset();
-                    self.spawn_all(&mut jobs, entries, Some(permit), false);
-                }
-                Err(error) => {
-                    if is_nogroup(&error) {
-                        group_ready = false;
-                    }
-                    drop(permit);
-                    backoff.wait(stop, &error, "cannot read the job stream").await;
-                }
-            }
-        }
-        jobs
-    }
-
-    fn spawn_all(
-        self: &Arc<Self>,
-        jobs: &mut JoinSet<()>,
-        entries: Vec<(String, JobId)>,
-        mut first: Option<OwnedSemaphorePermit>,
-        taken_over: bool,
-    ) {
-        for (entry, id) in entries {
-            let permit = match first.take() {
-                Some(permit) => permit,
-                None => match self.slots.clone().try_acquire_owned() {
-                    Ok(permit) => permit,
-                    // We only ever ask for as many entries as free slots;
-                    // an extra one stays pending and is taken over later.
-                    Err(_) => {
-                        tracing::warn!(%entry, "no free slot for a delivered entry");
-                        continue;
-                    }
-                },
-            };
-            if taken_over {
-                self.stats.taken_over.fetch_add(1, Ordering::Relaxed);
-                self.metrics.takeovers.add(1, &[]);
-                tracing::info!(job_id = %id, %entry, "job taken over");
-            }
-            let this = self.clone();
-            jobs.spawn(async move {
-                this.process(entry, id).await;
-                drop(permit);
-            });
-        }
-    }
-
-    /// Promotes due retries, trims, and samples queue depth. (Leases are
-    /// renewed by their own task; lapsed entries are taken over by the read
-    /// loop, ahead of new work.)
-    async fn maintain(&self, sample: bool) -> Result<(), StoreError> {
-        self.store.promote_due(1000).await?;
-        if sample {
-            self.store.trim().await?;
-            let stats = self.store.stats().await?;
-            let values = [
-                stats.open,
-                stats.stream_length,
-                stats.pending,
-                stats.lag,
-                stats.delayed,
-                stats.dead_letters,
-                stats.open_bytes,
-            ];
-            for (gauge, value) in self.metrics.queue.iter().zip(values) {
-                gauge.record(value, &[]);
-            }
-            self.metrics.oldest_age.record(stats.oldest_age.as_secs_f64(), &[]);
-        }
-        Ok(())
-    }
-
-    /// Renews every held lease each reaper interval until `stop`; a failed
-    /// renewal is tried again after [`RENEW_RETRY`], not a full interval.
-    async fn keep_leases(self: Arc<Self>, stop: CancellationToken) {
-        let mut next = Instant::now() + self.config.reaper_interval;
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep_until(next.into()) => {}
-            }
-            // Bounded, so a connection that hangs cannot hold up the fence,
-            // yet long enough for a slow Redis on a loaded machine.
-            let bound = self.config.lease.saturating_sub(self.config.reaper_interval).max(Duration::from_millis(500));
-            next = match tokio::time::timeout(bound, self.renew()).await {
-                Ok(Ok(())) => Instant::now() + self.config.reaper_interval,
-                failed => {
-                    match failed {
-                        Ok(Err(error)) => {
-                            tracing::warn!(error = &error as &dyn std::error::Error, "lease renewal failed, retrying");
-                        }
-                        _ => tracing::warn!(bound_ms = bound.as_millis() as u64, "lease renewal timed out, retrying"),
-                    }
-                    self.fence_expired();
-                    Instant::now() + RENEW_RETRY
-                }
-            };
-        }
-    }
-
-    /// Stops every delivery whose lease was not renewed for a whole lease
-    /// (Redis unreachable from here): another worker may hold it by now, so
-    /// running on would run the job twice at once.
-    fn fence_expired(&self) {
-        let Ok(held) = self.held.lock() else { return };
-        for (entry, h) in held.iter() {
-            if h.renewed_at.elapsed() > self.config.lease && h.reason.get() != Stop::LeaseLost {
-                tracing::warn!(job_id = %h.id, %entry, "lease expired without a renewal; stopping the job");
-                h.reason.set(Stop::LeaseLost);
-                h.cancel.cancel();
-            }
-        }
-    }
-
-    async fn renew(&self) -> Result<(), StoreError> {
-        let sent = Instant::now();
-        let leases: Vec<Lease> = match self.held.lock() {
-            Ok(held) => held
-                .iter()
-                .map(|(entry, h)| {
-                    let report = h.progress.latest();
-                    let percent = (report.done.min(report.total) * 100).checked_div(report.total).unwrap_or(0) as u32;
-                    Lease { entry: entry.clone(), id: h.id.clone(), token: h.token.clone(), progress: percent }
-                })
-                .collect(),
-            Err(_) => return Ok(()),
-        };
-        let statuses = self.store.renew(&self.config.consumer, &leases).await?;
-        if let Ok(mut held) = self.held.lock() {
-            for (lease, status) in leases.iter().zip(statuses) {
-                let Some(h) = held.get_mut(&lease.entry).filter(|h| h.token == lease.token) else { continue };
-                if status != LeaseStatus::Lost {
-                    h.renewed_at = sent;
-                }
-                match status {
-                    LeaseStatus::Renewed => {}
-                    LeaseStatus::CancelRequested => {
-                        h.reason.set(Stop::Client);
-                        h.cancel.cancel();
-                    }
-                    LeaseStatus::Lost => {
-                        tracing::warn!(job_id = %h.id, entry = %lease.entry, "lease lost: another worker holds the job; stopping it");
-                        h.reason.set(Stop::LeaseLost);
-                        h.cancel.cancel();
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
     async fn drain(&self, mut jobs: JoinSet<()>, grace: Duration) {
         let running = jobs.len();
         tracing::info!(running, grace_ms = grace.as_millis() as u64, "job runner draining");
@@ -508,66 +223,10 @@ impl JobRunner {
     }
 }
 
-/// Collects finished deliveries. A delivery contains its task's panic
-/// itself; one that escapes is a bug in the delivery code, logged here.
-fn reap(jobs: &mut JoinSet<()>) {
-    while let Some(result) = jobs.try_join_next() {
-        log_panic(result);
-    }
-}
-
 fn log_panic(result: Result<(), tokio::task::JoinError>) {
     if let Err(error) = result
         && error.is_panic()
     {
         tracing::error!(error = %error, "a job delivery panicked outside its task");
-    }
-}
-
-fn is_nogroup(error: &StoreError) -> bool {
-    matches!(error, StoreError::Redis(e) if e.code() == Some("NOGROUP"))
-}
-
-/// Backoff for the runner's own Redis trouble: 100 ms doubling to 5 s.
-#[derive(Debug)]
-struct Backoff {
-    delay: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self { delay: Duration::from_millis(100) }
-    }
-}
-
-impl Backoff {
-    fn reset(&mut self) {
-        self.delay = Duration::from_millis(100);
-    }
-
-    async fn wait(&mut self, stop: &CancellationToken, error: &StoreError, what: &'static str) {
-        tracing::warn!(error = error as &dyn std::error::Error, retry_ms = self.delay.as_millis() as u64, "{what}");
-        tokio::select! {
-            () = stop.cancelled() => {}
-            () = tokio::time::sleep(self.delay) => {}
-        }
-        self.delay = (self.delay * 2).min(Duration::from_secs(5));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_lost_lease_overrides_every_other_stop_reason() {
-        let reason = StopReason::default();
-        assert_eq!(reason.get(), Stop::Running);
-        reason.set(Stop::Client);
-        reason.set(Stop::Shutdown);
-        assert_eq!(reason.get(), Stop::Client, "the first reason wins");
-        reason.set(Stop::LeaseLost);
-        reason.set(Stop::Shutdown);
-        assert_eq!(reason.get(), Stop::LeaseLost);
     }
 }

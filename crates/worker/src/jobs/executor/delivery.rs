@@ -14,21 +14,22 @@
 //! Each attempt runs in a `job.run` span that continues the submitting
 //! call's trace, with the attempt number and the worker id as attributes.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::FutureExt as _;
 use rand::Rng as _;
 use shoal_telemetry::metrics::KeyValue;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use super::executor::{Held, JobRunner, Stop, StopReason};
-use super::model::{JobId, JobState};
-use super::store::{Delivery, FinishOutcome, RetryOutcome, StartOutcome, StoreError};
-use crate::tasks::{TaskContext, TaskError};
+use super::JobRunner;
+use super::leases::{Held, Stop, StopReason};
+use crate::error::UnknownKind;
+use crate::execution::{Ended, Refusal, Slot};
+use crate::jobs::model::{JobId, JobState};
+use crate::jobs::store::{Delivery, FinishOutcome, RetryOutcome, StartOutcome, StoreError};
+use crate::tasks::{Progress, TaskError};
 
 /// Why an attempt of the job's code failed.
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +57,9 @@ impl Drop for HeldGuard<'_> {
 }
 
 impl JobRunner {
-    /// One delivery of job `id` from stream entry `entry`.
-    pub(crate) async fn process(self: &Arc<Self>, entry: String, id: JobId) {
+    /// One delivery of job `id` from stream entry `entry`, in `slot` (held
+    /// until its outcome is recorded).
+    pub(super) async fn process(self: &Arc<Self>, entry: String, id: JobId, slot: Arc<Slot>) {
         let token = uuid::Uuid::new_v4().simple().to_string();
         let consumer = &self.config.consumer;
         let delivery = match with_retries(|| self.store.start(&entry, &id, consumer, &token)).await {
@@ -93,10 +95,10 @@ impl JobRunner {
             shoal_telemetry::propagation::set_parent(&span, &headers);
         }
         let delivered = Delivered { entry: &entry, id: &id, token: &token };
-        self.run_delivery(&delivered, delivery).instrument(span).await;
+        self.run_delivery(&delivered, delivery, slot).instrument(span).await;
     }
 
-    async fn run_delivery(&self, at: &Delivered<'_>, delivery: Delivery) {
+    async fn run_delivery(&self, at: &Delivered<'_>, delivery: Delivery, slot: Arc<Slot>) {
         let Delivery { kind, payload_json, max_attempts, timeout, attempts, deliveries, max_deliveries, .. } = delivery;
         let attempt = attempts + 1;
         self.stats.started.fetch_add(1, Ordering::Relaxed);
@@ -111,14 +113,14 @@ impl JobRunner {
             self.record(at, &kind, JobState::Dead, &error, false).await;
             return;
         }
-        let Some(task) = self.registry.get(&kind).cloned() else {
-            let error = format!("unknown job kind `{kind}`; this worker runs: {}", self.registry.names());
-            self.record(at, &kind, JobState::Failed, &error, false).await;
-            return;
-        };
-        let payload = match serde_json::from_str(&payload_json) {
-            Ok(payload) => payload,
-            Err(error) => {
+        let prepared = match self.executor.prepare(&kind, &payload_json) {
+            Ok(prepared) => prepared,
+            Err(Refusal::UnknownKind { known }) => {
+                let error = UnknownKind::job(&kind, known).to_string();
+                self.record(at, &kind, JobState::Failed, &error, false).await;
+                return;
+            }
+            Err(Refusal::InvalidJson(error)) => {
                 self.record(at, &kind, JobState::Failed, &format!("payload is not JSON: {error}"), false).await;
                 return;
             }
@@ -126,7 +128,7 @@ impl JobRunner {
 
         let cancel = CancellationToken::new();
         let reason = Arc::new(StopReason::default());
-        let ctx = TaskContext::new(cancel.clone());
+        let progress = Progress::default();
         let guard = HeldGuard { runner: self, entry: at.entry };
         if let Ok(mut held) = self.held.lock() {
             held.insert(
@@ -136,31 +138,26 @@ impl JobRunner {
                     token: at.token.to_owned(),
                     cancel: cancel.clone(),
                     reason: reason.clone(),
-                    progress: ctx.progress().clone(),
+                    progress: progress.clone(),
                     renewed_at: Instant::now(),
                 },
             );
         }
-        let started = Instant::now();
-        let run = AssertUnwindSafe(task.run(payload, ctx)).catch_unwind();
-        let result = tokio::select! {
-            result = run => match result {
-                Ok(result) => result.map_err(Failure::Task),
-                Err(panic) => {
-                    self.stats.panicked.fetch_add(1, Ordering::Relaxed);
-                    Err(Failure::Panic(panic_message(panic.as_ref())))
-                }
-            },
-            () = tokio::time::sleep(timeout.max(Duration::from_millis(1))) => {
-                cancel.cancel();
-                Err(Failure::Timeout(timeout))
+        let deadline = tokio::time::Instant::now() + timeout.max(Duration::from_millis(1));
+        // `slot` itself stays held here until the outcome is recorded.
+        let ran = self.executor.run(prepared, Arc::clone(&slot), cancel, Some(deadline), progress).await;
+        let result = match ran.ended {
+            Ended::Returned(result) => result.map_err(Failure::Task),
+            Ended::DeadlineExceeded => Err(Failure::Timeout(timeout)),
+            Ended::Panicked(panic) => {
+                self.stats.panicked.fetch_add(1, Ordering::Relaxed);
+                Err(Failure::Panic(panic_message(panic.as_ref())))
             }
         };
-        self.metrics.duration.record(started.elapsed().as_secs_f64(), &[KeyValue::new("kind", kind.clone())]);
         drop(guard);
 
         match (result, reason.get()) {
-            (_, Stop::LeaseLost) => {
+            (_, Some(Stop::LeaseLost)) => {
                 self.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
                 self.metrics.leases_lost.add(1, &[KeyValue::new("kind", kind.clone())]);
                 tracing::warn!(job_id = %at.id, "stopped after losing the lease; the current holder records the outcome");
@@ -178,7 +175,7 @@ impl JobRunner {
                     self.record(at, &kind, JobState::Succeeded, &output, true).await;
                 }
             }
-            (Err(_), Stop::Shutdown) => match self.store.hand_back(at.entry, at.id, at.token).await {
+            (Err(_), Some(Stop::Shutdown)) => match self.store.hand_back(at.entry, at.id, at.token).await {
                 Ok(true) => {
                     self.stats.handed_back.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(job_id = %at.id, "job handed back");
@@ -188,13 +185,13 @@ impl JobRunner {
                     tracing::warn!(job_id = %at.id, error = &error as &dyn std::error::Error, "hand back failed; lease will lapse");
                 }
             },
-            (Err(_), Stop::Client) => {
+            (Err(_), Some(Stop::Client)) => {
                 self.record(at, &kind, JobState::Cancelled, "cancelled by client", false).await;
             }
             (Err(Failure::Task(TaskError::InvalidPayload(message))), _) => {
                 self.record(at, &kind, JobState::Failed, &message, true).await;
             }
-            (Err(failure), Stop::Running) => {
+            (Err(failure), None) => {
                 let error = failure.to_string();
                 if attempt < max_attempts {
                     self.retry(at, &kind, attempt, &error).await;
